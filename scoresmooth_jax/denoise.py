@@ -1,0 +1,140 @@
+"""Denoisers built from any noise-conditional score function ``score_fn(x, sigma) ~ grad_x log p_sigma(x)``.
+
+``score_fn`` takes a batch of images in [0, 1] and a sigma (a scalar, or one per example) and returns an
+array shaped like the batch. Both denoisers are pure JAX: they work under ``jit`` and ``vmap``, and
+``annealed`` compiles to one program (a ``lax.scan`` over levels around a ``lax.fori_loop`` over steps)
+whatever the number of levels L and steps T.
+
+* ``one_step`` (Gaussian noise only): Tweedie's formula, D(y) = y + sigma^2 s(y; sigma), the posterior mean
+  E[x | y] when s is the exact score of the noisy data.
+* ``annealed`` (any noise in ``scoresmooth_jax.noise``): gradient ascent on log p_sigma_i(x) + log q(y - x)
+  over a decreasing schedule sigma_1 > ... > sigma_L, T steps per level, step a_i = a sigma_i^2 / sigma_L^2,
+  starting at x = y. It approaches the MAP point of p_sigma_L(x) q(y - x), which tends to the MAP of the
+  clean prior as sigma_L -> 0.
+
+Defaults, and why:
+  * schedule ``default_sigmas(nz)``: geometric from the noise's own sigma down to ``DEFAULT_SIGMA_MIN`` = 0.01
+    in ``DEFAULT_NUM_LEVELS`` = 10 levels. Starting at the noise level means the first level's smoothed prior
+    is matched to how far y is from the data; 0.01 is below the quantisation step of 8-bit images (1/255 ~
+    0.004 is the next scale down) and is the smallest sigma the CIFAR-10 score models of NCSN/score_sde were
+    trained at.
+  * step ``default_step_size(sigmas)`` = ``DEFAULT_RELATIVE_STEP`` * sigma_L^2 with relative step 0.5. Then
+    a_i = 0.5 sigma_i^2. Near the data manifold the score's Lipschitz constant is about 1 / sigma_i^2, and at
+    the first level the Gaussian likelihood's is 1 / sigma^2 = 1 / sigma_1^2, so the update's contraction
+    factor is about 1 - 0.5 (1 + 1) = 0: stable (below 2) with a factor-2 margin, and it removes most of the
+    error in one step per level.
+  * ``DEFAULT_STEPS_PER_LEVEL`` = 3: with that step size a few steps per level suffice, and certification
+    pays L * T score evaluations per noisy sample, so T is kept small.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from scoresmooth_jax import noise as noise_lib
+
+ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+DEFAULT_SIGMA_MIN = 0.01
+DEFAULT_NUM_LEVELS = 10
+DEFAULT_RELATIVE_STEP = 0.5
+DEFAULT_STEPS_PER_LEVEL = 3
+
+
+def _per_example(sigma, y: jax.Array) -> jax.Array:
+  """Reshapes a scalar or per-example sigma so it broadcasts against the batch ``y``."""
+  sigma = jnp.asarray(sigma, y.dtype)
+  if sigma.ndim == 0:
+    return sigma
+  if sigma.ndim != 1 or sigma.shape[0] != y.shape[0]:
+    raise ValueError(f"sigma has shape {sigma.shape}; pass a scalar or one sigma per example "
+                     f"(shape ({y.shape[0]},)) for a batch of shape {y.shape}.")
+  return sigma.reshape((-1,) + (1,) * (y.ndim - 1))
+
+
+def one_step(score_fn: ScoreFn, y: jax.Array, sigma) -> jax.Array:
+  """Tweedie denoiser for Gaussian noise: y + sigma^2 * score_fn(y, sigma).
+
+  Args:
+    score_fn: noise-conditional score function.
+    y: batch of noisy images (clean image + N(0, sigma^2 I)).
+    sigma: the Gaussian noise's standard deviation, a scalar or one per example.
+
+  Returns:
+    The posterior-mean estimate of the clean batch, shaped like ``y``.
+  """
+  return y + _per_example(sigma, y) ** 2 * score_fn(y, sigma)
+
+
+def geometric_sigmas(sigma_max: float, sigma_min: float, num_levels: int) -> jax.Array:
+  """A decreasing geometric schedule sigma_max = sigma_1 > ... > sigma_L = sigma_min (float32 [L]).
+
+  ``num_levels == 1`` gives the single level ``[sigma_min]``.
+  """
+  if not (0.0 < sigma_min <= sigma_max < float("inf")):
+    raise ValueError(f"geometric_sigmas(sigma_max={sigma_max!r}, sigma_min={sigma_min!r}): need "
+                     "0 < sigma_min <= sigma_max < inf.")
+  if int(num_levels) != num_levels or num_levels < 1:
+    raise ValueError(f"num_levels={num_levels!r} must be an integer >= 1.")
+  if num_levels == 1:
+    return jnp.asarray([sigma_min], jnp.float32)
+  return jnp.geomspace(sigma_max, sigma_min, int(num_levels)).astype(jnp.float32)
+
+
+def default_sigmas(nz: noise_lib.Noise, sigma_min: float = DEFAULT_SIGMA_MIN,
+                   num_levels: int = DEFAULT_NUM_LEVELS) -> jax.Array:
+  """The default schedule for denoising noise ``nz``: geometric from nz.sigma down to ``sigma_min``."""
+  return geometric_sigmas(max(nz.sigma, sigma_min), sigma_min, num_levels)
+
+
+def default_step_size(sigmas) -> float:
+  """The default base step a = DEFAULT_RELATIVE_STEP * sigma_L^2, i.e. a_i = 0.5 sigma_i^2 (module docstring)."""
+  return DEFAULT_RELATIVE_STEP * float(jnp.asarray(sigmas)[-1]) ** 2
+
+
+def annealed(score_fn: ScoreFn, y: jax.Array, nz: noise_lib.Noise, sigmas=None, step_size=None,
+             steps_per_level: int = DEFAULT_STEPS_PER_LEVEL) -> jax.Array:
+  """Annealed MAP denoiser for any noise: ascent on log p_sigma_i(x) + log q(y - x), level by level.
+
+  At level i (sigma_i, step a_i = step_size * sigma_i^2 / sigma_L^2) it applies ``steps_per_level`` times
+  ``x <- nz.denoise_step(x, y, score_fn(x, sigma_i), a_i)``: x + a_i (s + (y - x) / sigma^2) for Gaussian,
+  x + a_i (s + sign(y - x) / b) for Laplace, clip(x + a_i s, y - lam, y + lam) for uniform noise.
+
+  Args:
+    score_fn: noise-conditional score function; it must be trained over every sigma in ``sigmas``.
+    y: batch of noisy images.
+    nz: the noise that corrupted ``y`` (its likelihood enters every step).
+    sigmas: decreasing schedule [L] (default ``default_sigmas(nz)``).
+    step_size: base step a, the step at the last level (default ``default_step_size(sigmas)``).
+    steps_per_level: T, a Python int >= 1.
+
+  Returns:
+    The denoised batch, shaped like ``y``.
+  """
+  if not isinstance(nz, noise_lib.Noise):
+    raise TypeError(f"nz={nz!r} must be a scoresmooth_jax.noise distribution.")
+  if int(steps_per_level) != steps_per_level or steps_per_level < 1:
+    raise ValueError(f"steps_per_level={steps_per_level!r} must be an integer >= 1.")
+  sigmas = default_sigmas(nz) if sigmas is None else jnp.asarray(sigmas, jnp.float32)
+  if sigmas.ndim != 1 or sigmas.shape[0] < 1:
+    raise ValueError(f"sigmas must be a non-empty 1-D schedule; got shape {sigmas.shape}.")
+  step_size = default_step_size(sigmas) if step_size is None else step_size
+  step_size = jnp.asarray(step_size, jnp.float32)
+  steps = step_size * (sigmas / sigmas[-1]) ** 2
+
+  def level(x, sigma_and_step):
+    sigma, step = sigma_and_step
+    sigma = sigma.astype(y.dtype)
+    step = step.astype(y.dtype)
+
+    def one(_, x):
+      return nz.denoise_step(x, y, score_fn(x, sigma), step)
+
+    return lax.fori_loop(0, int(steps_per_level), one, x), None
+
+  x, _ = lax.scan(level, y, (sigmas, steps))
+  return x

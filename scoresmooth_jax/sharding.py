@@ -1,0 +1,32 @@
+"""The device mesh every sharded computation in the package uses: one axis, ``"data"``, over all devices.
+
+Batches are split along ``"data"`` and parameters are replicated. The same code runs on one CPU, on 8
+simulated CPU devices in tests, and on a TPU pod (there ``jax.devices()`` spans every host).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh named ``"data"`` over ``devices`` (default: all devices of all processes)."""
+  devices = list(jax.devices() if devices is None else devices)
+  if not devices:
+    raise ValueError("data_mesh needs at least one device.")
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over ``"data"``, every other axis whole."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """The same full array on every device (parameters, optimizer state, keys)."""
+  return NamedSharding(mesh, P())

@@ -1,0 +1,196 @@
+"""Randomized smoothing (Cohen et al. 2019): Monte-Carlo class counts, PREDICT and CERTIFY.
+
+The smoothed classifier is g(x) = argmax_c P_u[f(x + u) = c], u ~ noise. ``f`` (``base_classifier``) is any
+JAX callable from a batch of NHWC images in [0, 1] to logits; a denoiser in front of a classifier is simply
+part of ``f``.
+
+Promises:
+  * ``sample_counts`` draws exactly ``num`` noisy copies, split over every device of the mesh with
+    ``jax.shard_map``; each device loops over its batches with ``lax.fori_loop``, keeps its counts on device,
+    masks its partial last batch, and one ``psum`` returns the total. Peak memory is one batch per device,
+    whatever ``num``. The result is an int64 numpy array that sums to ``num``.
+  * The selection (n0) and estimation (n) draws of ``certify`` use independent keys (``fold_in`` of the
+    caller's key with distinct phase numbers); devices and batches fold in their own indices.
+  * Statistics (Clopper-Pearson, binomial test, radii) are computed in float64 on the host.
+  * Every function is pure: the same key gives the same answer on the same mesh.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+from scipy import stats
+
+from scoresmooth_jax import noise as noise_lib
+from scoresmooth_jax import sharding
+
+ABSTAIN = -1
+
+# Phase numbers folded into an image's key, so no two purposes ever share a key.
+SELECTION_PHASE = 0
+ESTIMATION_PHASE = 1
+PREDICTION_PHASE = 2
+
+BaseClassifier = Callable[[jax.Array], jax.Array]
+
+
+class Certificate(NamedTuple):
+  """The outcome of ``certify`` for one image.
+
+  Attributes:
+    prediction: the smoothed classifier's class, or ``ABSTAIN`` (-1) when p_lower <= 1/2.
+    radius: certified radius in the noise's norm (``noise.norm``); 0.0 on ABSTAIN.
+    p_lower: one-sided (1 - alpha) Clopper-Pearson lower bound on the top class's probability.
+    count: how many of the ``n`` estimation draws the base classifier gave the selected class.
+    n: number of estimation draws.
+    n0_counts: int64 class counts of the n0 selection draws (which chose the class).
+  """
+
+  prediction: int
+  radius: float
+  p_lower: float
+  count: int
+  n: int
+  n0_counts: np.ndarray
+
+
+def _check_count(name: str, value) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name}={value!r} must be an integer >= 1.")
+  if value >= 2**31:
+    raise ValueError(f"{name}={value!r} is too large: counts are accumulated in int32 on device; "
+                     "split the draws into several calls and add the counts.")
+  return int(value)
+
+
+def _check_alpha(alpha) -> float:
+  value = float(alpha)
+  if not 0.0 < value < 1.0:
+    raise ValueError(f"alpha={alpha!r} must lie in (0, 1): it is the probability that the certificate is "
+                     "wrong (Cohen et al. use 0.001).")
+  return value
+
+
+def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:
+  """One-sided (1 - alpha) lower confidence bound on a binomial proportion, from ``k`` successes in ``n``.
+
+  This is Beta.ppf(alpha; k, n - k + 1), and 0.0 for k = 0; it equals statsmodels'
+  ``proportion_confint(k, n, alpha=2 * alpha, method="beta")[0]``. Computed in float64.
+  """
+  n = _check_count("n", n)
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= n:
+    raise ValueError(f"k={k!r} must be an integer count in [0, n={n}].")
+  alpha = _check_alpha(alpha)
+  if k == 0:
+    return 0.0
+  return float(stats.beta.ppf(alpha, int(k), n - int(k) + 1))
+
+
+@functools.lru_cache(maxsize=64)
+def _counter(base_classifier: BaseClassifier, nz: noise_lib.Noise, image_shape: tuple[int, ...],
+             dtype: np.dtype, num_classes: int, batch_size: int, mesh: Mesh):
+  """Compiles (once per configuration) the sharded counting program ``(x, key, num) -> int32[num_classes]``."""
+  num_devices = mesh.size
+
+  def count_on_device(x, key, num):
+    device = lax.axis_index(sharding.DATA_AXIS)
+    # Device d owns draws [d * per_device, (d + 1) * per_device) of the global index range [0, num).
+    per_device = (num + num_devices - 1) // num_devices
+    mine = jnp.clip(num - device * per_device, 0, per_device)
+    num_batches = (mine + batch_size - 1) // batch_size
+    device_key = jax.random.fold_in(key, device)
+    offsets = jnp.arange(batch_size)
+
+    def body(batch, counts):
+      eps = nz.sample(jax.random.fold_in(device_key, batch), (batch_size, *image_shape), dtype)
+      labels = jnp.argmax(base_classifier(x[None] + eps), axis=-1)
+      valid = (batch * batch_size + offsets) < mine  # masks the tail of the partial last batch
+      hits = jax.nn.one_hot(labels, num_classes, dtype=jnp.int32) * valid[:, None].astype(jnp.int32)
+      return counts + hits.sum(axis=0)
+
+    zeros = lax.pcast(jnp.zeros((num_classes,), jnp.int32), sharding.DATA_AXIS, to="varying")
+    counts = lax.fori_loop(0, num_batches, body, zeros)
+    return lax.psum(counts, sharding.DATA_AXIS)
+
+  sharded = jax.shard_map(count_on_device, mesh=mesh, in_specs=(P(), P(), P()), out_specs=P())
+  return jax.jit(sharded)
+
+
+def sample_counts(base_classifier: BaseClassifier, x, nz: noise_lib.Noise, num: int, key: jax.Array, *,
+                  num_classes: int, batch_size: int, mesh: Mesh | None = None) -> np.ndarray:
+  """Counts the base classifier's top-1 labels on ``num`` noisy copies of one image.
+
+  Args:
+    base_classifier: JAX callable, batch of images [B, *x.shape] in [0, 1] -> logits [B, num_classes]. Pass
+      the same callable object each time: the compiled program is cached by its identity.
+    x: one image (e.g. HWC) in [0, 1]; the noise is drawn in x's floating dtype.
+    nz: the noise (``noise.Gaussian``, ``noise.Laplace`` or ``noise.Uniform``).
+    num: number of noisy copies, >= 1.
+    key: a JAX PRNG key; the same key gives the same counts on the same mesh.
+    num_classes: number of logits.
+    batch_size: draws per device per loop step (the memory knob: one batch per device is ever live).
+    mesh: 1-D mesh with axis "data" (default: all devices, ``sharding.data_mesh()``).
+
+  Returns:
+    int64 numpy array [num_classes] that sums to exactly ``num``.
+  """
+  num = _check_count("num", num)
+  num_classes = _check_count("num_classes", num_classes)
+  batch_size = _check_count("batch_size", batch_size)
+  if not isinstance(nz, noise_lib.Noise):
+    raise TypeError(f"nz={nz!r} must be a scoresmooth_jax.noise distribution, e.g. noise.Gaussian(sigma=0.25).")
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"x has dtype {x.dtype}; pass a floating image in [0, 1] (e.g. uint8 / 255).")
+  mesh = sharding.data_mesh() if mesh is None else mesh
+  run = _counter(base_classifier, nz, tuple(x.shape), np.dtype(x.dtype), num_classes, batch_size, mesh)
+  counts = np.asarray(run(x, key, jnp.int32(num)), dtype=np.int64)
+  assert counts.sum() == num, (counts.sum(), num)  # a lost or doubled batch would break the guarantee
+  return counts
+
+
+def predict(base_classifier: BaseClassifier, x, nz: noise_lib.Noise, n: int, alpha: float, key: jax.Array, *,
+            num_classes: int, batch_size: int, mesh: Mesh | None = None) -> int:
+  """Cohen et al.'s PREDICT: the smoothed classifier's class, or ABSTAIN.
+
+  Draws ``n`` noisy copies; with top-two counts n1 >= n2 it abstains when the two-sided binomial test of
+  n1 successes in n1 + n2 trials against 1/2 has p-value > ``alpha``. A returned class differs from g(x)
+  with probability at most ``alpha``.
+  """
+  alpha = _check_alpha(alpha)
+  counts = sample_counts(base_classifier, x, nz, n, jax.random.fold_in(key, PREDICTION_PHASE),
+                         num_classes=num_classes, batch_size=batch_size, mesh=mesh)
+  top2 = np.argsort(-counts, kind="stable")[:2]
+  n1 = int(counts[top2[0]])
+  n2 = int(counts[top2[1]]) if counts.size > 1 else 0
+  if stats.binomtest(n1, n1 + n2, 0.5).pvalue > alpha:
+    return ABSTAIN
+  return int(top2[0])
+
+
+def certify(base_classifier: BaseClassifier, x, nz: noise_lib.Noise, n0: int, n: int, alpha: float,
+            key: jax.Array, *, num_classes: int, batch_size: int, mesh: Mesh | None = None) -> Certificate:
+  """Cohen et al.'s CERTIFY: a class and a radius within which g is constant, with probability >= 1 - alpha.
+
+  ``n0`` selection draws choose the class c; ``n`` fresh, independent estimation draws count k hits of c;
+  p_lower = ``clopper_pearson_lower(k, n, alpha)``. If p_lower <= 1/2 the result is ABSTAIN with radius 0,
+  else the radius is ``nz.certified_radius(p_lower)`` in the norm ``nz.norm``.
+  """
+  n0 = _check_count("n0", n0)
+  n = _check_count("n", n)
+  alpha = _check_alpha(alpha)
+  common = dict(num_classes=num_classes, batch_size=batch_size, mesh=mesh)
+  n0_counts = sample_counts(base_classifier, x, nz, n0, jax.random.fold_in(key, SELECTION_PHASE), **common)
+  selected = int(np.argmax(n0_counts))
+  counts = sample_counts(base_classifier, x, nz, n, jax.random.fold_in(key, ESTIMATION_PHASE), **common)
+  count = int(counts[selected])
+  p_lower = clopper_pearson_lower(count, n, alpha)
+  if p_lower <= 0.5:
+    return Certificate(ABSTAIN, 0.0, p_lower, count, n, n0_counts)
+  return Certificate(selected, nz.certified_radius(p_lower), p_lower, count, n, n0_counts)
