@@ -33,6 +33,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from scoresmooth_jax import noise as noise_lib
@@ -80,9 +81,10 @@ def geometric_sigmas(sigma_max: float, sigma_min: float, num_levels: int) -> jax
                      "0 < sigma_min <= sigma_max < inf.")
   if int(num_levels) != num_levels or num_levels < 1:
     raise ValueError(f"num_levels={num_levels!r} must be an integer >= 1.")
+  # Built on the host: the schedule is a constant of the compiled program, also when called under jit.
   if num_levels == 1:
     return jnp.asarray([sigma_min], jnp.float32)
-  return jnp.geomspace(sigma_max, sigma_min, int(num_levels)).astype(jnp.float32)
+  return jnp.asarray(np.geomspace(sigma_max, sigma_min, int(num_levels)), jnp.float32)
 
 
 def default_sigmas(nz: noise_lib.Noise, sigma_min: float = DEFAULT_SIGMA_MIN,
@@ -91,9 +93,9 @@ def default_sigmas(nz: noise_lib.Noise, sigma_min: float = DEFAULT_SIGMA_MIN,
   return geometric_sigmas(max(nz.sigma, sigma_min), sigma_min, num_levels)
 
 
-def default_step_size(sigmas) -> float:
+def default_step_size(sigmas) -> jax.Array:
   """The default base step a = DEFAULT_RELATIVE_STEP * sigma_L^2, i.e. a_i = 0.5 sigma_i^2 (module docstring)."""
-  return DEFAULT_RELATIVE_STEP * float(jnp.asarray(sigmas)[-1]) ** 2
+  return DEFAULT_RELATIVE_STEP * jnp.asarray(sigmas, jnp.float32)[-1] ** 2
 
 
 def annealed(score_fn: ScoreFn, y: jax.Array, nz: noise_lib.Noise, sigmas=None, step_size=None,

@@ -40,6 +40,12 @@ def _check_sigma(name: str, sigma) -> float:
   return value
 
 
+def _wide(dtype):
+  """Samplers run in at least float32: JAX's bfloat16/float16 samplers truncate tails and bias the mean (a
+  draw built from an 8-bit mantissa); drawing wide and rounding gives correctly rounded samples."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def _check_p_lower(p_lower) -> float:
   value = float(p_lower)
   if not (0.0 <= value <= 1.0):  # also rejects NaN
@@ -91,7 +97,7 @@ class Gaussian(Noise):
   norm: ClassVar[str] = "l2"
 
   def sample(self, key, shape, dtype=jnp.float32):
-    return self.sigma * jax.random.normal(key, shape, dtype)
+    return (self.sigma * jax.random.normal(key, shape, _wide(dtype))).astype(dtype)
 
   def likelihood_grad(self, x, y):
     return (y - x) / self.sigma**2
@@ -113,7 +119,7 @@ class Laplace(Noise):
     return self.sigma / math.sqrt(2.0)
 
   def sample(self, key, shape, dtype=jnp.float32):
-    return self.scale * jax.random.laplace(key, shape, dtype)
+    return (self.scale * jax.random.laplace(key, shape, _wide(dtype))).astype(dtype)
 
   def likelihood_grad(self, x, y):
     return jnp.sign(y - x) / self.scale
@@ -137,7 +143,7 @@ class Uniform(Noise):
 
   def sample(self, key, shape, dtype=jnp.float32):
     lam = self.half_width
-    return jax.random.uniform(key, shape, dtype, minval=-lam, maxval=lam)
+    return jax.random.uniform(key, shape, _wide(dtype), minval=-lam, maxval=lam).astype(dtype)
 
   def likelihood_grad(self, x, y):
     # Flat inside the box; the box itself is enforced by the projection in denoise_step.

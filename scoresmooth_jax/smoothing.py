@@ -129,7 +129,7 @@ def sample_counts(base_classifier: BaseClassifier, x, nz: noise_lib.Noise, num: 
   Args:
     base_classifier: JAX callable, batch of images [B, *x.shape] in [0, 1] -> logits [B, num_classes]. Pass
       the same callable object each time: the compiled program is cached by its identity.
-    x: one image (e.g. HWC) in [0, 1]; the noise is drawn in x's floating dtype.
+    x: one image (e.g. HWC) in [0, 1]; noise is drawn and added in float32 (or x's dtype if wider).
     nz: the noise (``noise.Gaussian``, ``noise.Laplace`` or ``noise.Uniform``).
     num: number of noisy copies, >= 1.
     key: a JAX PRNG key; the same key gives the same counts on the same mesh.
@@ -148,6 +148,10 @@ def sample_counts(base_classifier: BaseClassifier, x, nz: noise_lib.Noise, num: 
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"x has dtype {x.dtype}; pass a floating image in [0, 1] (e.g. uint8 / 255).")
+  # Noise is drawn and added in at least float32: a bfloat16 sampler has an 8-bit mantissa and truncates
+  # the Gaussian's tails, so the draws would not follow the distribution the certificate is computed for.
+  # Low-precision compute belongs inside base_classifier, after the noise (a deterministic cast is part of f).
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   mesh = sharding.data_mesh() if mesh is None else mesh
   run = _counter(base_classifier, nz, tuple(x.shape), np.dtype(x.dtype), num_classes, batch_size, mesh)
   counts = np.asarray(run(x, key, jnp.int32(num)), dtype=np.int64)
