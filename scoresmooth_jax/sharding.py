@@ -30,3 +30,20 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
   """The same full array on every device (parameters, optimizer state, keys)."""
   return NamedSharding(mesh, P())
+
+
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> None:
+  """Joins a multi-process JAX cluster; call before any other JAX work.
+
+  With no arguments JAX detects the cluster (Cloud TPU pods, SLURM, Open MPI, ...). Explicit values (e.g.
+  ``localhost:12355``, 2, 0 for two processes on one machine) override detection. Errors are raised, never
+  swallowed: a process that silently ran alone would certify or train on the wrong subset of the data.
+  """
+  kwargs = {}
+  if coordinator_address:
+    kwargs["coordinator_address"] = coordinator_address
+  if num_processes > 0:
+    kwargs["num_processes"] = num_processes
+  if process_id >= 0:
+    kwargs["process_id"] = process_id
+  jax.distributed.initialize(**kwargs)

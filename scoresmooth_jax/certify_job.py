@@ -1,0 +1,276 @@
+"""Certification and prediction jobs over a dataset: ``run_certification(config, workdir)``.
+
+The job certifies (Cohen et al.'s CERTIFY) or predicts (PREDICT) every selected image of a dataset with a
+smoothed classifier g(x) = argmax_c P[f(D(x + u)) = c], where f is a classifier export, D an optional
+denoiser (``none``, ``one_step`` or ``annealed`` over a score model) and u the configured noise.
+
+Promises:
+  * Everything that can be wrong with the inputs (missing or corrupt checkpoints, shapes that differ between
+    dataset, score model and classifier, a sigma outside the score model's trained range, one_step with
+    non-Gaussian noise, n0 or n < 1, alpha outside (0, 1), a workdir made with other settings) fails in
+    ``build_job`` before any sampling.
+  * Per image one JSON line and one Cohen-format TSV line are appended and flushed (``records.RecordWriter``);
+    the same command with the same workdir skips finished images and never duplicates or loses a record.
+  * Image i always uses the key ``fold_in(key(seed), i)``, so results do not depend on which images were
+    done before an interruption, nor on which process does image i.
+  * Multi-host: with ``config.distributed.enabled`` each process certifies the images i with
+    ``i % process_count == process_index`` on its own local devices and writes its own record files;
+    ``report`` merges them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from scoresmooth_jax import denoise, noise as noise_lib, records, sharding, smoothing
+
+DENOISERS = ("none", "one_step", "annealed")
+MODES = ("certify", "predict")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  name: str          # "digits", "npz:/path.npz" or a tfds name
+  split: str
+  data_dir: str | None
+  image_size: int | None
+  skip: int          # Cohen's --skip: only every skip-th image
+  max: int           # Cohen's --max: stop at this index (-1: no limit)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiserSpec:
+  kind: str                  # none | one_step | annealed
+  score: str | None          # a score export directory, or "score_sde:<preset>:<checkpoint>"
+  sigma_min: float           # annealed: last level of the schedule
+  num_levels: int            # annealed: L
+  steps_per_level: int       # annealed: T
+  relative_step: float       # annealed: a_i = relative_step * sigma_i^2 (denoise module docstring)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+  mode: str
+  dataset: DatasetSpec
+  classifier: str
+  compute_dtype: str
+  denoiser: DenoiserSpec
+  noise: str
+  sigma: float
+  n0: int
+  n: int
+  alpha: float
+  batch_size: int
+  seed: int
+
+  @classmethod
+  def from_config(cls, config) -> "JobSpec":
+    d, dn, c = config.dataset, config.denoiser, config.certify
+    return cls(
+        mode=str(config.mode),
+        dataset=DatasetSpec(str(d.name), str(d.split), d.data_dir or None, d.image_size or None,
+                            int(d.skip), int(d.max)),
+        classifier=str(config.classifier.path),
+        compute_dtype=str(config.classifier.compute_dtype),
+        denoiser=DenoiserSpec(str(dn.kind), dn.score or None, float(dn.sigma_min), int(dn.num_levels),
+                              int(dn.steps_per_level), float(dn.relative_step)),
+        noise=str(config.noise.type), sigma=float(config.noise.sigma),
+        n0=int(c.n0), n=int(c.n), alpha=float(c.alpha), batch_size=int(c.batch_size), seed=int(c.seed))
+
+  def settings(self) -> dict:
+    """What determines the records; a resumed job must match it (batch size and devices may change)."""
+    out = dataclasses.asdict(self)
+    out.pop("batch_size")
+    for key in ("skip", "max"):  # more or fewer images is a legitimate way to extend a run
+      out["dataset"].pop(key)
+    return out
+
+
+def validate(spec: JobSpec) -> None:
+  """Checks the numbers of a job; raises ValueError naming the value and the fix."""
+  if spec.mode not in MODES:
+    raise ValueError(f"mode={spec.mode!r}: choose one of {MODES}.")
+  if spec.denoiser.kind not in DENOISERS:
+    raise ValueError(f"denoiser.kind={spec.denoiser.kind!r}: choose one of {DENOISERS}.")
+  if spec.mode == "certify" and spec.n0 < 1:
+    raise ValueError(f"certify.n0={spec.n0} must be >= 1 (Cohen et al. use 100).")
+  if spec.n < 1:
+    raise ValueError(f"certify.n={spec.n} must be >= 1 (Cohen et al. use 100,000; the paper 10,000).")
+  if not 0.0 < spec.alpha < 1.0:
+    raise ValueError(f"certify.alpha={spec.alpha} must lie in (0, 1) (Cohen et al. use 0.001).")
+  if spec.batch_size < 1:
+    raise ValueError(f"certify.batch_size={spec.batch_size} must be >= 1.")
+  if spec.dataset.skip < 1:
+    raise ValueError(f"dataset.skip={spec.dataset.skip} must be >= 1 (1 takes every image).")
+  if spec.denoiser.kind == "one_step" and spec.noise != "gaussian":
+    raise ValueError(f"denoiser.kind='one_step' is Tweedie's formula, exact only for Gaussian noise, but "
+                     f"noise.type={spec.noise!r}; use denoiser.kind='annealed' for {spec.noise} noise.")
+  if spec.denoiser.kind != "none" and not spec.denoiser.score:
+    raise ValueError(f"denoiser.kind={spec.denoiser.kind!r} needs denoiser.score: a score-model export "
+                     "directory (scripts/train_score.py writes <workdir>/export) or 'score_sde:<preset>:<path>'.")
+  if spec.denoiser.kind == "annealed":
+    if spec.denoiser.num_levels < 1 or spec.denoiser.steps_per_level < 1:
+      raise ValueError("denoiser.num_levels and denoiser.steps_per_level must be >= 1; got "
+                       f"{spec.denoiser.num_levels} and {spec.denoiser.steps_per_level}.")
+    if not spec.denoiser.relative_step > 0:
+      raise ValueError(f"denoiser.relative_step={spec.denoiser.relative_step} must be > 0 (default 0.5).")
+
+
+def load_score(spec: str):
+  """A score function from an export directory or a ``score_sde:<preset>:<checkpoint>`` string."""
+  if spec.startswith("score_sde:"):
+    from scoresmooth_jax import pretrained  # only jobs that use published checkpoints need it
+    return pretrained.load_score_sde_from_spec(spec)
+  from scoresmooth_jax import train
+  return train.load_score_fn(spec)
+
+
+def _check_sigma_in_range(what: str, sigmas, score_fn, spec: str) -> None:
+  low, high = float(score_fn.sigma_min), float(score_fn.sigma_max)
+  for s in np.atleast_1d(np.asarray(sigmas, np.float64)):
+    # A little slack for float32 schedules that end exactly on the trained boundary.
+    if not low * (1 - 1e-5) <= s <= high * (1 + 1e-5):
+      raise ValueError(f"{what} sigma={s:.4g} is outside the score model's trained range [{low:.4g}, "
+                       f"{high:.4g}] ({spec}); train a score model that covers it, or choose noise.sigma / "
+                       "denoiser.sigma_min inside that range.")
+
+
+def make_base_classifier(classifier: Callable, denoiser: DenoiserSpec, nz: noise_lib.Noise,
+                         score_fn=None) -> Callable:
+  """f o D: the base classifier that smoothing samples, with the denoiser (if any) in front.
+
+  The denoised image is clipped to [0, 1], the range the classifier was trained on; clipping, like the
+  denoiser, is deterministic, so it is part of the base classifier and keeps the guarantee.
+  """
+  if denoiser.kind == "none":
+    return classifier
+  if denoiser.kind == "one_step":
+    def denoised(z):
+      return jnp.clip(denoise.one_step(score_fn, z, nz.sigma), 0.0, 1.0)
+  else:
+    sigmas = schedule(denoiser, nz)
+    step = denoiser.relative_step * float(sigmas[-1]) ** 2
+
+    def denoised(z):
+      return jnp.clip(denoise.annealed(score_fn, z, nz, sigmas, step, denoiser.steps_per_level), 0.0, 1.0)
+
+  def base_classifier(z):
+    return classifier(denoised(z))
+
+  return base_classifier
+
+
+def schedule(denoiser: DenoiserSpec, nz: noise_lib.Noise) -> np.ndarray:
+  return np.asarray(denoise.default_sigmas(nz, denoiser.sigma_min, denoiser.num_levels))
+
+
+@dataclasses.dataclass
+class Job:
+  spec: JobSpec
+  source: Any
+  base_classifier: Callable
+  nz: noise_lib.Noise
+  indices: list[int]
+  num_classes: int
+
+
+def build_job(config) -> Job:
+  """Parses, loads and checks everything; no sampling happens here."""
+  from scoresmooth_jax import classifier as classifier_lib, data  # heavy imports kept off the library path
+
+  spec = JobSpec.from_config(config)
+  validate(spec)
+  nz = noise_lib.make(spec.noise, spec.sigma)
+  source = data.get_source(spec.dataset.name, spec.dataset.split, data_dir=spec.dataset.data_dir,
+                           image_size=spec.dataset.image_size)
+  compute_dtype = None if spec.compute_dtype == "float32" else spec.compute_dtype
+  clf = classifier_lib.load_classifier(spec.classifier, compute_dtype=compute_dtype)
+  image_shape = tuple(source.image_shape)
+  if tuple(clf.image_shape) != image_shape:
+    raise ValueError(f"dataset {spec.dataset.name!r} has images of shape {image_shape} but the classifier "
+                     f"{spec.classifier} expects {tuple(clf.image_shape)}; use a classifier trained at that "
+                     "shape or set dataset.image_size.")
+  score_fn = None
+  if spec.denoiser.kind != "none":
+    score_fn = load_score(spec.denoiser.score)
+    if tuple(score_fn.image_shape) != image_shape:
+      raise ValueError(f"dataset images have shape {image_shape} but the score model {spec.denoiser.score} "
+                       f"was trained on {tuple(score_fn.image_shape)}; use a score model for this dataset.")
+    if spec.denoiser.kind == "one_step":
+      _check_sigma_in_range("noise", nz.sigma, score_fn, spec.denoiser.score)
+    else:
+      _check_sigma_in_range("annealing schedule", schedule(spec.denoiser, nz), score_fn, spec.denoiser.score)
+  indices = [i for i in range(len(source))
+             if i % spec.dataset.skip == 0 and (spec.dataset.max < 0 or i < spec.dataset.max)]
+  return Job(spec, source, make_base_classifier(clf, spec.denoiser, nz, score_fn), nz, indices,
+             int(clf.num_classes))
+
+
+def _record(job: Job, idx: int, key, mesh) -> dict:
+  spec = job.spec
+  common = dict(num_classes=job.num_classes, batch_size=spec.batch_size, mesh=mesh)
+  x, label = job.source[idx]
+  start = time.perf_counter()
+  if spec.mode == "certify":
+    cert = smoothing.certify(job.base_classifier, x, job.nz, spec.n0, spec.n, spec.alpha, key, **common)
+    prediction = cert.prediction
+    out = dict(radius=cert.radius, p_lower=cert.p_lower, count=cert.count, n0=spec.n0,
+               n0_counts=cert.n0_counts.tolist())
+    samples = spec.n0 + spec.n
+  else:
+    prediction = smoothing.predict(job.base_classifier, x, job.nz, spec.n, spec.alpha, key, **common)
+    out = {}
+    samples = spec.n
+  elapsed = time.perf_counter() - start
+  out.update(idx=idx, label=int(label), predict=int(prediction), correct=int(prediction == int(label)),
+             time=elapsed, n=spec.n, alpha=spec.alpha, noise=spec.noise, sigma=spec.sigma, norm=job.nz.norm,
+             denoiser=spec.denoiser.kind, samples_per_s=samples / elapsed, batch_size=spec.batch_size,
+             num_devices=mesh.size)
+  return out
+
+
+def run_certification(config, workdir, *, progress_every_s: float = 10.0) -> list[dict]:
+  """Runs (or resumes) the job described by ``config`` in ``workdir``; returns this process's records."""
+  if config.distributed.enabled:
+    d = config.distributed
+    sharding.initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
+  job = build_job(config)
+  process_index, process_count = jax.process_index(), jax.process_count()
+  records.check_job_settings(workdir, job.spec.settings())
+  mine = job.indices[process_index::process_count]
+  # Each process samples on its own devices: processes certify disjoint images, not shards of one image.
+  mesh = sharding.data_mesh(jax.local_devices())
+  base_key = jax.random.key(job.spec.seed)
+  with records.RecordWriter(workdir, job.spec.mode, process_index, process_count) as writer:
+    todo = [i for i in mine if i not in writer.done]
+    logging.info("%s: %d images for process %d/%d, %d already done, %d to go", job.spec.mode, len(mine),
+                 process_index, process_count, len(mine) - len(todo), len(todo))
+    start = last = time.perf_counter()
+    samples = 0
+    for count, idx in enumerate(todo, 1):
+      record = _record(job, idx, jax.random.fold_in(base_key, idx), mesh)
+      writer.append(record)
+      samples += (job.spec.n0 if job.spec.mode == "certify" else 0) + job.spec.n
+      now = time.perf_counter()
+      if now - last >= progress_every_s or count == len(todo):
+        last = now
+        rate = samples / (now - start)
+        eta = (now - start) / count * (len(todo) - count)
+        print(f"[{job.spec.mode}] {len(mine) - len(todo) + count}/{len(mine)} images, {rate:,.0f} samples/s, "
+              f"ETA {records.format_time(eta).split('.')[0]}", flush=True)
+    return list(writer.records)
+
+
+def run_prediction(config, workdir, **kwargs) -> list[dict]:
+  """``run_certification`` with ``config.mode = "predict"``."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.mode = "predict"
+  return run_certification(config, workdir, **kwargs)
