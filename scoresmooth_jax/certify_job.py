@@ -127,9 +127,9 @@ def load_score(spec: str):
   """A score function from an export directory or a ``score_sde:<preset>:<checkpoint>`` string."""
   if spec.startswith("score_sde:"):
     from scoresmooth_jax import pretrained  # only jobs that use published checkpoints need it
-    return pretrained.load_score_sde_from_spec(spec)
-  from scoresmooth_jax import train
-  return train.load_score_fn(spec)
+    return pretrained.load_score_sde_from_spec(spec)[0]
+  from scoresmooth_jax import export
+  return export.load_score_fn(spec)
 
 
 def _check_sigma_in_range(what: str, sigmas, score_fn, spec: str) -> None:

@@ -98,6 +98,31 @@ def default_step_size(sigmas) -> jax.Array:
   return DEFAULT_RELATIVE_STEP * jnp.asarray(sigmas, jnp.float32)[-1] ** 2
 
 
+def _check_annealed_args(nz, sigmas, step_size, steps_per_level):
+  if not isinstance(nz, noise_lib.Noise):
+    raise TypeError(f"nz={nz!r} must be a scoresmooth_jax.noise distribution.")
+  if int(steps_per_level) != steps_per_level or steps_per_level < 1:
+    raise ValueError(f"steps_per_level={steps_per_level!r} must be an integer >= 1.")
+  sigmas = default_sigmas(nz) if sigmas is None else jnp.asarray(sigmas, jnp.float32)
+  if sigmas.ndim != 1 or sigmas.shape[0] < 1:
+    raise ValueError(f"sigmas must be a non-empty 1-D schedule; got shape {sigmas.shape}.")
+  step_size = default_step_size(sigmas) if step_size is None else jnp.asarray(step_size, jnp.float32)
+  return sigmas, step_size * (sigmas / sigmas[-1]) ** 2
+
+
+def _anneal(score_fn, y, nz, sigmas, steps, steps_per_level, keep_levels):
+  def level(x, sigma_and_step):
+    sigma, step = (v.astype(y.dtype) for v in sigma_and_step)
+
+    def one(_, x):
+      return nz.denoise_step(x, y, score_fn(x, sigma), step)
+
+    x = lax.fori_loop(0, int(steps_per_level), one, x)
+    return x, (x if keep_levels else None)
+
+  return lax.scan(level, y, (sigmas, steps))
+
+
 def annealed(score_fn: ScoreFn, y: jax.Array, nz: noise_lib.Noise, sigmas=None, step_size=None,
              steps_per_level: int = DEFAULT_STEPS_PER_LEVEL) -> jax.Array:
   """Annealed MAP denoiser for any noise: ascent on log p_sigma_i(x) + log q(y - x), level by level.
@@ -117,26 +142,14 @@ def annealed(score_fn: ScoreFn, y: jax.Array, nz: noise_lib.Noise, sigmas=None, 
   Returns:
     The denoised batch, shaped like ``y``.
   """
-  if not isinstance(nz, noise_lib.Noise):
-    raise TypeError(f"nz={nz!r} must be a scoresmooth_jax.noise distribution.")
-  if int(steps_per_level) != steps_per_level or steps_per_level < 1:
-    raise ValueError(f"steps_per_level={steps_per_level!r} must be an integer >= 1.")
-  sigmas = default_sigmas(nz) if sigmas is None else jnp.asarray(sigmas, jnp.float32)
-  if sigmas.ndim != 1 or sigmas.shape[0] < 1:
-    raise ValueError(f"sigmas must be a non-empty 1-D schedule; got shape {sigmas.shape}.")
-  step_size = default_step_size(sigmas) if step_size is None else step_size
-  step_size = jnp.asarray(step_size, jnp.float32)
-  steps = step_size * (sigmas / sigmas[-1]) ** 2
-
-  def level(x, sigma_and_step):
-    sigma, step = sigma_and_step
-    sigma = sigma.astype(y.dtype)
-    step = step.astype(y.dtype)
-
-    def one(_, x):
-      return nz.denoise_step(x, y, score_fn(x, sigma), step)
-
-    return lax.fori_loop(0, int(steps_per_level), one, x), None
-
-  x, _ = lax.scan(level, y, (sigmas, steps))
+  sigmas, steps = _check_annealed_args(nz, sigmas, step_size, steps_per_level)
+  x, _ = _anneal(score_fn, y, nz, sigmas, steps, steps_per_level, keep_levels=False)
   return x
+
+
+def annealed_trajectory(score_fn: ScoreFn, y: jax.Array, nz: noise_lib.Noise, sigmas=None, step_size=None,
+                        steps_per_level: int = DEFAULT_STEPS_PER_LEVEL) -> jax.Array:
+  """Like ``annealed``, but returns the estimate at the end of every level: [L, *y.shape] (last = annealed)."""
+  sigmas, steps = _check_annealed_args(nz, sigmas, step_size, steps_per_level)
+  _, levels = _anneal(score_fn, y, nz, sigmas, steps, steps_per_level, keep_levels=True)
+  return levels

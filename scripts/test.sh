@@ -5,11 +5,7 @@
 #   bash scripts/test.sh tests/test_smoothing.py -k counts
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ]; then
-  "${PYTHON:-python3}" -m venv "$VENV"
-fi
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+bash scripts/setup_env.sh test
 # Subprocesses started by tests (scripts, kill-and-resume, two-process runs) see the same 8 CPU devices.
 export JAX_PLATFORMS=cpu JAX_NUM_CPU_DEVICES=8
-exec "$VENV/bin/python" -m pytest "$@"
+exec "${VENV:-.venv}/bin/python" -m pytest "$@"

@@ -119,6 +119,14 @@ def test_annealed_works_under_vmap_and_jit():
     np.testing.assert_allclose(batched[i], one(ys[i]), atol=1e-5)
 
 
+def test_trajectory_ends_at_the_annealed_result():
+  nz = noise.Gaussian(0.5)
+  y = noisy(nz)
+  levels = denoise.annealed_trajectory(gaussian_prior_score, y, nz)
+  assert levels.shape == (denoise.DEFAULT_NUM_LEVELS, *y.shape)
+  np.testing.assert_allclose(levels[-1], denoise.annealed(gaussian_prior_score, y, nz), atol=1e-6)
+
+
 def test_annealed_uniform_stays_in_the_noise_box():
   nz = noise.Uniform(0.5)
   y = noisy(nz)
