@@ -35,6 +35,41 @@ DENOISERS = ("none", "one_step", "annealed")
 MODES = ("certify", "predict")
 
 
+def base_config():
+  """The certification config every ``configs/certify_*.py`` starts from (each key is read by ``JobSpec``)."""
+  import ml_collections
+
+  config = ml_collections.ConfigDict()
+  config.mode = "certify"          # certify | predict (scripts/predict.py sets predict)
+  # Multi-host: one process per host, each certifies its own images. Empty values: JAX detects the cluster.
+  config.distributed = ml_collections.ConfigDict(dict(
+      enabled=False, coordinator_address="", num_processes=0, process_id=-1))
+  config.dataset = ml_collections.ConfigDict(dict(
+      name="digits",               # digits | npz:/path/to/images.npz | any tfds image dataset
+      split="test",
+      data_dir="",                 # tfds data_dir ("" for the default)
+      image_size=0,                # resize tfds images to this size (0: as stored)
+      skip=1,                      # Cohen's --skip: every skip-th image
+      max=-1,                      # Cohen's --max: only indices below this (-1: all)
+  ))
+  config.classifier = ml_collections.ConfigDict(dict(
+      path="",                     # a classifier export (training or scripts/convert_torch_classifier.py)
+      compute_dtype="float32",     # float32 | bfloat16 (certify in the precision you deploy)
+  ))
+  config.denoiser = ml_collections.ConfigDict(dict(
+      kind="annealed",             # none | one_step | annealed
+      score="",                    # a score export directory, or score_sde:<preset>:<checkpoint>
+      sigma_min=denoise.DEFAULT_SIGMA_MIN,  # annealed schedule: geometric from noise.sigma down to sigma_min
+      num_levels=denoise.DEFAULT_NUM_LEVELS,
+      steps_per_level=denoise.DEFAULT_STEPS_PER_LEVEL,
+      relative_step=denoise.DEFAULT_RELATIVE_STEP,  # a_i = relative_step * sigma_i^2
+  ))
+  config.noise = ml_collections.ConfigDict(dict(type="gaussian", sigma=0.25))
+  # batch_size is per device per loop step.
+  config.certify = ml_collections.ConfigDict(dict(n0=100, n=10_000, alpha=0.001, batch_size=1000, seed=0))
+  return config
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
   name: str          # "digits", "npz:/path.npz" or a tfds name
