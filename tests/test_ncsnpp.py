@@ -12,6 +12,7 @@ from jax import lax
 from scoresmooth_jax import pretrained
 from scoresmooth_jax.models import get_constructor
 from scoresmooth_jax.models import ncsnpp as M
+from scoresmooth_jax.models import ncsnpp_layers as L
 
 PARITY_TOL = 1e-4  # max abs error; the fixture's scores are O(0.1), so this is ~1e-3 relative at worst
 
@@ -85,25 +86,25 @@ def test_fir_conv_up_down_match_their_definitions():
   x = jnp.asarray(rng.normal(size=(2, 8, 8, 2)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(3, 3, 2, 3)), jnp.float32)
   k = (1, 3, 3, 1)
-  dn = M._DN
+  dn = L._DN
 
   def conv(a):
     return lax.conv_general_dilated(a, w, (1, 1), "SAME", dimension_numbers=dn)
 
-  up = M.Conv2d(3, 3, up=True, resample_kernel=k, use_bias=False).apply({"params": {"weight": w}}, x)
-  down = M.Conv2d(3, 3, down=True, resample_kernel=k, use_bias=False).apply({"params": {"weight": w}}, x)
+  up = L.Conv2d(3, 3, up=True, resample_kernel=k, use_bias=False).apply({"params": {"weight": w}}, x)
+  down = L.Conv2d(3, 3, down=True, resample_kernel=k, use_bias=False).apply({"params": {"weight": w}}, x)
   assert up.shape == (2, 16, 16, 3) and down.shape == (2, 4, 4, 3)
   # Away from the borders the fused ops are "FIR-resample, then conv" / "conv, then FIR-resample".
-  np.testing.assert_allclose(up[:, 3:-3, 3:-3], conv(M.upsample_2d(x, k))[:, 3:-3, 3:-3], atol=1e-5)
-  np.testing.assert_allclose(down[:, 1:-1, 1:-1], M.downsample_2d(conv(x), k)[:, 1:-1, 1:-1], atol=1e-5)
+  np.testing.assert_allclose(up[:, 3:-3, 3:-3], conv(L.upsample_2d(x, k))[:, 3:-3, 3:-3], atol=1e-5)
+  np.testing.assert_allclose(down[:, 1:-1, 1:-1], L.downsample_2d(conv(x), k)[:, 1:-1, 1:-1], atol=1e-5)
   # Borders: StyleGAN2's definition of the fused upsampling, a stride-2 transposed conv then the FIR filter.
   transposed = lax.conv_transpose(x, jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2)), (2, 2), "VALID",
                                   transpose_kernel=True, dimension_numbers=dn)
-  np.testing.assert_allclose(up, M.upfirdn_2d(transposed, M._fir_kernel_2d(k, 4.0), pad=(1, 1)), atol=1e-5)
+  np.testing.assert_allclose(up, L.upfirdn_2d(transposed, L._fir_kernel_2d(k, 4.0), pad=(1, 1)), atol=1e-5)
   # The FIR filters keep constants (gain 1) away from the zero-padded borders.
   ones = jnp.ones((1, 8, 8, 1))
-  np.testing.assert_allclose(M.upsample_2d(ones, k)[0, 2:-2, 2:-2], 1.0, atol=1e-6)
-  np.testing.assert_allclose(M.downsample_2d(ones, k)[0, 1:-1, 1:-1], 1.0, atol=1e-6)
+  np.testing.assert_allclose(L.upsample_2d(ones, k)[0, 2:-2, 2:-2], 1.0, atol=1e-6)
+  np.testing.assert_allclose(L.downsample_2d(ones, k)[0, 1:-1, 1:-1], 1.0, atol=1e-6)
 
 
 def test_rejects_unsupported_settings():
