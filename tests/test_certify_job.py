@@ -194,3 +194,22 @@ def test_workdir_with_other_settings_is_refused(tmp_path, digits_models):
   # More images (Cohen's --max) is a legitimate extension of the same run.
   recs = certify_job.run_certification(tiny_config(*digits_models, dataset__max=3), tmp_path)
   assert [r["idx"] for r in recs] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("config_file", ["configs/certify_cifar10.py", "configs/certify_imagenet.py"])
+def test_tiny_variants_of_the_dataset_configs_run_under_mock_data(tmp_path, config_file):
+  clf_path, score_path = make_exports(tmp_path, (32, 32, 3))
+  config = load_config(config_file, "tiny")
+  with config.unlocked():
+    config.classifier.path, config.denoiser.score = clf_path, score_path
+  with tfds.testing.mock_data(num_examples=3):
+    recs = certify_job.run_certification(config, tmp_path / "w")
+  assert [r["idx"] for r in recs] == [0, 1] and report.check(recs) == []
+
+
+def test_score_sde_specs_go_to_the_pretrained_loader(monkeypatch):
+  from scoresmooth_jax import pretrained
+  seen = []
+  monkeypatch.setattr(pretrained, "load_score_sde_from_spec", lambda spec: (seen.append(spec) or "fn", 0.01, 50.0))
+  assert certify_job.load_score("score_sde:cifar10_ncsnpp_continuous:/ckpt/checkpoint_26") == "fn"
+  assert seen == ["score_sde:cifar10_ncsnpp_continuous:/ckpt/checkpoint_26"]
