@@ -45,7 +45,10 @@ def save_grid(rows, path) -> pathlib.Path:
       ax = axes[r][c]
       ax.set_xticks([])
       ax.set_yticks([])
-      if panel is not None:
+      if panel is None:  # one-step (Tweedie) exists only for Gaussian noise
+        ax.text(0.5, 0.5, "n/a\n(Gaussian only)", ha="center", va="center", fontsize=6, transform=ax.transAxes)
+        ax.set_frame_on(False)
+      else:
         image = np.clip(panel, 0.0, 1.0)
         ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
       if r == 0 or rows[r - 1][0] != title:

@@ -12,7 +12,7 @@ import pathlib
 import time
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 
 from scoresmooth_jax import certify_job, data, figures, noise, report, train
 from scoresmooth_jax.configs_util import load_config
@@ -47,6 +47,7 @@ def _train(config_file, variant, workdir) -> str:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # checkpointing logs every save at INFO; the progress lines suffice
   root = pathlib.Path(_WORKDIR.value)
   sigmas = [float(s) for s in _SIGMAS.value]
   start = time.time()
