@@ -8,12 +8,25 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def load_config(path, variant: str = ""):
-  """Calls ``get_config(variant)`` of a config file; relative paths are taken from the project root."""
+def load_config(path, variant: str = "", **overrides):
+  """Calls ``get_config(variant)`` of a config file and applies ``overrides``.
+
+  Relative paths are taken from the project root if they do not exist from the working directory. Override
+  keys name nested fields with double underscores: ``certify__n=100`` sets ``config.certify.n``.
+  """
   path = pathlib.Path(path)
   if not path.is_absolute() and not path.exists():
     path = ROOT / path
   spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
+  config = module.get_config(variant) if variant else module.get_config()
+  if overrides:
+    with config.unlocked():
+      for dotted, value in overrides.items():
+        *sections, key = dotted.split("__")
+        target = config
+        for part in sections:
+          target = target[part]
+        target[key] = value
+  return config

@@ -19,7 +19,9 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   if not devices:
     raise ValueError("data_mesh needs at least one device.")
-  return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices)
+  # Auto axes: jax.make_mesh defaults to Explicit axes in JAX 0.10, under which Flax's Dropout fails on a
+  # batch-sharded input; shard_map and NamedSharding behave the same on either.
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

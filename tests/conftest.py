@@ -1,7 +1,10 @@
 """Test set-up: 8 simulated CPU devices, so every sharded path runs as it would on an 8-chip host."""
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 import jax
 import pytest
@@ -9,6 +12,17 @@ import pytest
 # Must happen before JAX creates its CPU backend; scripts/test.sh also exports it for subprocesses.
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
+# Training and certification tests build new closures per run, so jit's in-memory cache cannot help; XLA's
+# persistent cache is keyed on the program, so runs that compile identical programs (resume tests, repeated
+# configs, the scripts the tests start as subprocesses) compile once per session. A fresh directory per session:
+# nothing carries over between CI runs.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # exported, so the subprocesses share it
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="scoresmooth_jax_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures"
 

@@ -41,14 +41,8 @@ def digits_models(tmp_path_factory):
 
 
 def tiny_config(clf_path, score_path, **overrides):
-  config = load_config("configs/certify_digits.py", "tiny")
-  with config.unlocked():
-    config.classifier.path = clf_path
-    config.denoiser.score = score_path
-    for dotted, value in overrides.items():
-      section, _, field = dotted.rpartition("__")
-      (config[section] if section else config)[field] = value
-  return config
+  return load_config("configs/certify_digits.py", "tiny", classifier__path=clf_path, denoiser__score=score_path,
+                     **overrides)
 
 
 def stable(recs):

@@ -1,0 +1,340 @@
+"""Image data for training and certification: one random-access interface over three kinds of source.
+
+``get_source(name, split)`` returns an ``ImageSource``: ``len(src)``, ``src[i] -> (image, label)`` with the
+image float32 [H, W, C] in [0, 1] and the label an int, plus ``num_classes``, ``image_shape`` (H, W, C) and
+``name``. Names:
+
+* ``"digits"``: the embedded default dataset, which works offline. The 1797 8x8 grayscale handwritten
+  digits of the UCI ML hand-written digits data set (Alpaydin & Kaynak, 1998), as bundled by scikit-learn's
+  ``sklearn.datasets.load_digits``; pixel values 0..16 are divided by 16. The packaged copy
+  ``scoresmooth_jax/data/digits.npz`` was written once from scikit-learn (which the package does not need)
+  and also stores the split: a permutation with ``np.random.RandomState(0)``, then the first 40 images of
+  each class in that order form the "test" split (400 images, class-balanced), the other 1397 "train".
+  "test" is what evaluation and certification use; "all" is every image.
+* ``"npz:PATH"``: the user's own arrays, ``images`` (NHWC, or NHW for grayscale; uint8 0..255 or float in
+  [0, 1]) and integer ``labels``, read with ``np.load(allow_pickle=False)``. ``PATH`` may contain ``{split}``
+  (one file per split); else a boolean ``is_test`` array in the file defines "train"/"test", else the whole
+  file is every split. An optional scalar ``num_classes`` overrides max(label) + 1.
+* any tfds image dataset (``"cifar10"``, ``"imagenet2012"``, ...) through ``tfds.data_source``: random
+  access without TensorFlow (decoding needs Pillow). ``image_size`` resizes (shorter side to the size, then
+  a central crop), which datasets of varying image sizes such as imagenet2012 need.
+
+Training reads ``TrainBatches``: global batches of ``steps_per_dispatch`` x ``batch_size`` images sharded
+over the "data" mesh axis, each process reading only its own contiguous slice of the source (the index
+slicing ``tfds.split_for_jax_process`` does), in an order that depends only on (seed, step), so a resumed
+run sees exactly the batches it would have seen. Random horizontal flips are for natural images only
+(never for digits, whose mirror images are not digits). ``eval_batches`` pads the last batch and masks it.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import importlib.resources
+import logging
+import pathlib
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from scoresmooth_jax import sharding
+
+DIGITS = "digits"
+NPZ_PREFIX = "npz:"
+
+
+class ImageSource(abc.ABC):
+  """Random access to (image float32 [H, W, C] in [0, 1], int label) pairs."""
+
+  name: str
+  num_classes: int
+  image_shape: tuple[int, int, int]
+
+  @abc.abstractmethod
+  def __len__(self) -> int:
+    ...
+
+  @abc.abstractmethod
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    ...
+
+  def get_batch(self, indices) -> tuple[np.ndarray, np.ndarray]:
+    """Images float32 [n, H, W, C] and labels int32 [n] for ``indices``."""
+    items = [self[int(i)] for i in indices]
+    images = np.stack([image for image, _ in items]) if items else np.zeros((0, *self.image_shape), np.float32)
+    return images, np.asarray([label for _, label in items], np.int32)
+
+  def __repr__(self):
+    return f"{type(self).__name__}({self.name!r}, {len(self)} images of {self.image_shape}, " \
+           f"{self.num_classes} classes)"
+
+
+class ArraySource(ImageSource):
+  """An in-memory source (digits, npz files); uint8 images are kept as uint8 and scaled on access."""
+
+  def __init__(self, name: str, images: np.ndarray, labels: np.ndarray, num_classes: int | None = None):
+    images = np.asarray(images)
+    if images.ndim == 3:  # grayscale without a channel axis
+      images = images[..., None]
+    if images.ndim != 4:
+      raise ValueError(f"{name}: images have shape {images.shape}; expected NHWC (or NHW for grayscale).")
+    if images.dtype != np.uint8:
+      if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"{name}: images have dtype {images.dtype}; store uint8 (0..255) or floats in [0, 1].")
+      images = images.astype(np.float32)
+      if not np.isfinite(images).all():
+        raise ValueError(f"{name}: images contain NaN or infinite values; clean the data before saving.")
+      lo, hi = float(images.min(initial=0.0)), float(images.max(initial=0.0))
+      if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"{name}: float images span [{lo}, {hi}], outside [0, 1]; divide by 255 (or store "
+                         "uint8) before saving.")
+    labels = np.asarray(labels)
+    if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+      raise ValueError(f"{name}: labels have shape {labels.shape} and dtype {labels.dtype}; expected "
+                       f"{images.shape[0]} integer labels, one per image.")
+    if labels.size and labels.min() < 0:
+      raise ValueError(f"{name}: negative label {labels.min()}; labels must be 0..num_classes-1.")
+    inferred = int(labels.max()) + 1 if labels.size else 0
+    num_classes = inferred if num_classes is None else int(num_classes)
+    if inferred > num_classes:
+      raise ValueError(f"{name}: label {inferred - 1} does not fit num_classes={num_classes}.")
+    self.name, self.num_classes = name, num_classes
+    self.image_shape = tuple(int(d) for d in images.shape[1:])
+    self._images, self._labels = images, labels.astype(np.int32)
+
+  def __len__(self):
+    return self._images.shape[0]
+
+  def _scale(self, images):
+    return images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images
+
+  def __getitem__(self, index):
+    return self._scale(self._images[index]), int(self._labels[index])
+
+  def get_batch(self, indices):
+    indices = np.asarray(indices, np.int64)
+    return self._scale(self._images[indices]), self._labels[indices]
+
+
+def _select_split(name: str, arrays, split: str) -> np.ndarray | slice:
+  """Which rows of an npz file form ``split``: by its ``is_test`` mask, or every row."""
+  if "is_test" in arrays:
+    is_test = np.asarray(arrays["is_test"], bool)
+    choices = {"train": ~is_test, "test": is_test, "all": np.ones_like(is_test)}
+    if split not in choices:
+      raise ValueError(f"split={split!r} is not a split of {name}: choose one of {sorted(choices)}.")
+    return choices[split]
+  logging.info("%s has no is_test mask: split %r is the whole file.", name, split)
+  return slice(None)
+
+
+def _load_npz(name: str, path: pathlib.Path, split: str) -> ArraySource:
+  if not path.is_file():
+    raise FileNotFoundError(f"{name}: no file {path}; pass npz:/path/to/file.npz with arrays `images` and "
+                            "`labels`.")
+  with np.load(path, allow_pickle=False) as arrays:
+    missing = {"images", "labels"} - set(arrays.files)
+    if missing:
+      raise ValueError(f"{name}: {path} lacks array(s) {sorted(missing)} (has {arrays.files}); save images "
+                       "as `images` (NHWC) and labels as `labels`.")
+    rows = _select_split(name, arrays, split)
+    num_classes = int(arrays["num_classes"]) if "num_classes" in arrays.files else None
+    return ArraySource(name, arrays["images"][rows], arrays["labels"][rows], num_classes)
+
+
+def digits_path() -> pathlib.Path:
+  """The packaged copy of the embedded digits dataset."""
+  return pathlib.Path(str(importlib.resources.files("scoresmooth_jax") / "data" / "digits.npz"))
+
+
+class TfdsSource(ImageSource):
+  """A tfds dataset through ``tfds.data_source`` (array_record files, no TensorFlow at run time)."""
+
+  def __init__(self, name: str, split: str, data_dir=None, image_size: int | None = None):
+    import tensorflow_datasets as tfds  # heavy import, only for tfds sources
+
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as err:  # tfds raises DatasetNotFoundError and friends; the user needs the name.
+      raise ValueError(f"unknown dataset {name!r}: not 'digits', not 'npz:/path.npz', and tfds cannot build "
+                       f"it ({type(err).__name__}: {err}).") from err
+    features = builder.info.features
+    if "image" not in features or "label" not in features:
+      raise ValueError(f"tfds dataset {name!r} has features {sorted(features)}; an image source needs "
+                       "'image' and 'label'.")
+    self._source = tfds.data_source(name, split=split, data_dir=data_dir)
+    native = tuple(features["image"].shape)
+    channels = native[-1]
+    if image_size is None:
+      if None in native:
+        raise ValueError(f"tfds dataset {name!r} has images of varying size {native}; set image_size "
+                         "(e.g. 224 for imagenet2012) to resize them.")
+      self.image_shape = tuple(int(d) for d in native)
+    else:
+      self.image_shape = (int(image_size), int(image_size), int(channels))
+    self.name, self.num_classes, self.split = name, int(features["label"].num_classes), split
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, index):
+    example = self._source[int(index)]
+    image = np.asarray(example["image"])
+    if image.ndim == 2:
+      image = image[..., None]
+    if image.shape != self.image_shape:
+      image = _resize_and_crop(image, self.image_shape[0])
+    return image.astype(np.float32) / 255.0, int(example["label"])
+
+
+def _resize_and_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """Shorter side to ``size`` (bicubic), then the central size x size crop: uint8 [size, size, C]."""
+  from PIL import Image  # tfds already needs Pillow to decode images without TensorFlow
+
+  height, width = image.shape[:2]
+  scale = size / min(height, width)
+  new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+  squeeze = image.shape[-1] == 1
+  pil = Image.fromarray(image[..., 0] if squeeze else image).resize((new_w, new_h), Image.BICUBIC)
+  out = np.asarray(pil)
+  top, left = (new_h - size) // 2, (new_w - size) // 2
+  out = out[top:top + size, left:left + size]
+  return out[..., None] if squeeze else out
+
+
+@functools.lru_cache(maxsize=8)
+def _digits(split: str) -> ArraySource:
+  return _load_npz(DIGITS, digits_path(), split)
+
+
+def get_source(name: str, split: str, *, data_dir=None, image_size: int | None = None) -> ImageSource:
+  """The image source called ``name`` (module docstring), split ``split``.
+
+  Args:
+    name: "digits", "npz:/path/file.npz" or a tfds dataset name.
+    split: "train", "test", ... (tfds split syntax such as "train[:90%]" works for tfds sources).
+    data_dir: tfds data directory (tfds's default when None).
+    image_size: resize tfds images to image_size x image_size; for digits and npz it must equal the
+      stored size when given.
+
+  Returns:
+    An ``ImageSource``.
+  """
+  if name == DIGITS:
+    source = _digits(split) if split in ("train", "test", "all") else None
+    if source is None:
+      raise ValueError(f"split={split!r} is not a split of digits: choose 'train', 'test' or 'all'.")
+  elif name.startswith(NPZ_PREFIX):
+    path = name[len(NPZ_PREFIX):]
+    path = pathlib.Path(path.format(split=split) if "{split}" in path else path).expanduser()
+    source = _load_npz(name, path, split)
+  else:
+    return TfdsSource(name, split, data_dir=data_dir, image_size=image_size)
+  if image_size is not None and source.image_shape[0] != image_size:
+    raise ValueError(f"{name} holds {source.image_shape[0]}x{source.image_shape[1]} images; image_size="
+                     f"{image_size} would need resizing, which only tfds sources do: set image_size=None.")
+  return source
+
+
+def process_slice(num: int, process_index: int | None = None, process_count: int | None = None) -> range:
+  """This process's contiguous share of ``num`` examples (even split, as ``tfds.split_for_jax_process``)."""
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  return range(index * num // count, (index + 1) * num // count)
+
+
+def _global_array(mesh: Mesh, spec: P, local: np.ndarray, global_shape) -> jax.Array:
+  """A global array sharded by ``spec`` from this process's rows (all rows when there is one process)."""
+  return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, global_shape)
+
+
+@dataclasses.dataclass
+class TrainBatches:
+  """Global training batches, [steps_per_dispatch, batch_size, H, W, C], sharded over "data" on axis 1.
+
+  Iterating from ``start_step`` yields ``(images, labels)`` for steps start_step, start_step + k, ...;
+  the batch of step t is a function of (seed, t) only. A background thread loads ``prefetch`` dispatches
+  ahead, since decoding tfds images is host work that would otherwise stall the devices.
+  """
+
+  source: ImageSource
+  batch_size: int
+  mesh: Mesh
+  seed: int
+  random_flip: bool = False
+  steps_per_dispatch: int = 1
+  prefetch: int = 2
+
+  def __post_init__(self):
+    processes, devices = jax.process_count(), self.mesh.devices.size
+    if self.batch_size % devices or self.batch_size % processes:
+      raise ValueError(f"batch_size={self.batch_size} must be divisible by the number of devices ({devices}) "
+                       f"and processes ({processes}).")
+    self._rows = process_slice(len(self.source))
+    self._local_batch = self.batch_size // processes
+    if len(self._rows) < self._local_batch:
+      raise ValueError(f"{self.source.name} has {len(self._rows)} examples for this process, fewer than one "
+                       f"batch ({self._local_batch}); lower batch_size.")
+
+  def _local_step(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """This process's rows of step ``step``'s batch: an epoch-wise permutation, drop the remainder."""
+    steps_per_epoch = len(self._rows) // self._local_batch
+    epoch, position = divmod(step, steps_per_epoch)
+    process = jax.process_index()
+    order = np.random.default_rng([self.seed, epoch, process]).permutation(len(self._rows))
+    picked = order[position * self._local_batch:(position + 1) * self._local_batch]
+    images, labels = self.source.get_batch(self._rows.start + picked)
+    if self.random_flip:
+      flip = np.random.default_rng([self.seed, epoch, process, step, 1]).random(len(picked)) < 0.5
+      images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+    return images, labels
+
+  def _local_dispatch(self, step: int):
+    parts = [self._local_step(step + i) for i in range(self.steps_per_dispatch)]
+    return np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
+
+  def iterate(self, start_step: int):
+    """Yields sharded (images, labels) dispatches from ``start_step`` on, forever."""
+    k = self.steps_per_dispatch
+    image_shape = (k, self.batch_size, *self.source.image_shape)
+    spec = P(None, sharding.DATA_AXIS)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      pending = collections.deque(pool.submit(self._local_dispatch, start_step + i * k)
+                                  for i in range(max(1, self.prefetch)))
+      step = start_step + len(pending) * k
+      try:
+        while True:
+          images, labels = pending.popleft().result()
+          pending.append(pool.submit(self._local_dispatch, step))
+          step += k
+          yield (_global_array(self.mesh, spec, images, image_shape),
+                 _global_array(self.mesh, spec, labels, image_shape[:2]))
+      finally:
+        for future in pending:
+          future.cancel()
+
+
+def eval_batches(source: ImageSource, batch_size: int, mesh: Mesh, num_examples: int | None = None):
+  """Fixed-order batches of the first ``num_examples`` images: (images, labels, mask), sharded on "data".
+
+  The last batch is padded with copies of image 0 and masked (mask 0.0), so metrics must be
+  mask-weighted. Every process reads the same indices and contributes its rows of each global batch.
+  """
+  total = len(source) if num_examples is None else min(int(num_examples), len(source))
+  if batch_size % mesh.devices.size:
+    raise ValueError(f"eval batch_size={batch_size} must be divisible by the device count "
+                     f"{mesh.devices.size}.")
+  spec = P(sharding.DATA_AXIS)
+  rows = process_slice(batch_size)
+  for start in range(0, total, batch_size):
+    indices = np.arange(start, start + batch_size)
+    mask = (indices < total).astype(np.float32)
+    indices = np.where(indices < total, indices, 0)[rows.start:rows.stop]
+    images, labels = source.get_batch(indices)
+    yield (_global_array(mesh, spec, images, (batch_size, *source.image_shape)),
+           _global_array(mesh, spec, labels, (batch_size,)),
+           _global_array(mesh, spec, mask[rows.start:rows.stop], (batch_size,)))

@@ -1,0 +1,121 @@
+"""Periodic evaluation during training, on held-out images (mask-weighted, so padded batches do not count).
+
+Score task:
+  * ``psnr/noisy/<sigma>`` and ``psnr/denoised/<sigma>``: PSNR (peak 1.0) of y = x + sigma z and of the
+    one-step (Tweedie) denoiser ``denoise.one_step`` applied to y, over all pixels of all images, no
+    clipping; ``psnr/gain/<sigma>`` is their difference. This is the number the done-when criteria use.
+  * ``loss/bucket_<i>``: the DSM loss of ``losses.py`` with sigma log-uniform within bucket i of
+    [sigma_min, sigma_max] split log-uniformly, showing which scales are learned worst.
+Classifier task: ``accuracy/clean`` and ``accuracy/noise_<sigma>`` under Gaussian noise in pixel space.
+
+The noise of evaluation is a fixed function of (key, batch index), so successive evaluations of a run are
+comparable.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scoresmooth_jax import denoise, losses
+
+
+def _key(sigma: float) -> str:
+  return f"{sigma:g}"
+
+
+def get_score_eval_fn(apply_fn: losses.ScoreApplyFn, eval_sigmas, sigma_min: float, sigma_max: float,
+                      num_buckets: int):
+  """Per-batch sums for score-model evaluation.
+
+  Args:
+    apply_fn: ``apply_fn(params, x, sigma [B]) -> score``.
+    eval_sigmas: Gaussian noise levels for the PSNR of the one-step denoiser.
+    sigma_min, sigma_max: the trained range, split into ``num_buckets`` log-uniform buckets for the loss.
+    num_buckets: number of loss buckets (>= 1).
+
+  Returns:
+    ``eval_batch(params, images, labels, mask, key) -> dict of scalar sums`` (labels unused); pass the
+    summed dicts to ``finalize_score``.
+  """
+  edges = np.geomspace(sigma_min, sigma_max, num_buckets + 1)
+
+  def eval_batch(params, images, labels, mask, key):
+    del labels  # unconditional model
+    score_fn = lambda x, sigma: apply_fn(params, x, jnp.broadcast_to(sigma, (x.shape[0],)))
+    per_image = lambda err: jnp.sum(jnp.square(err).reshape(err.shape[0], -1), axis=-1)
+    sums = {"count": jnp.sum(mask)}
+    for i, sigma in enumerate(eval_sigmas):
+      y = images + sigma * jax.random.normal(jax.random.fold_in(key, i), images.shape, images.dtype)
+      clean = denoise.one_step(score_fn, y, sigma)
+      sums[f"sq_err/noisy/{_key(sigma)}"] = jnp.sum(mask * per_image(y - images))
+      sums[f"sq_err/denoised/{_key(sigma)}"] = jnp.sum(mask * per_image(clean - images))
+    for b in range(num_buckets):
+      sigma_key, noise_key = jax.random.split(jax.random.fold_in(key, 1000 + b))
+      log_sigma = jax.random.uniform(sigma_key, (images.shape[0],), minval=math.log(edges[b]),
+                                     maxval=math.log(edges[b + 1]))
+      z = jax.random.normal(noise_key, images.shape, images.dtype)
+      loss = losses.dsm_loss_per_example(apply_fn, params, images, jnp.exp(log_sigma), z)
+      sums[f"loss/bucket_{b}"] = jnp.sum(mask * loss)
+    return sums
+
+  return eval_batch
+
+
+def finalize_score(sums: dict, pixels_per_image: int, eval_sigmas, sigma_min: float, sigma_max: float,
+                   num_buckets: int) -> dict:
+  """PSNRs and bucket losses from summed ``eval_batch`` outputs."""
+  count = float(sums["count"])
+  out = {}
+  for sigma in eval_sigmas:
+    for kind in ("noisy", "denoised"):
+      mse = float(sums[f"sq_err/{kind}/{_key(sigma)}"]) / (count * pixels_per_image)
+      out[f"psnr/{kind}/{_key(sigma)}"] = -10.0 * math.log10(mse)
+    out[f"psnr/gain/{_key(sigma)}"] = out[f"psnr/denoised/{_key(sigma)}"] - out[f"psnr/noisy/{_key(sigma)}"]
+  edges = np.geomspace(sigma_min, sigma_max, num_buckets + 1)
+  for b in range(num_buckets):
+    out[f"loss/bucket_{b}"] = float(sums[f"loss/bucket_{b}"]) / count
+    out[f"loss/bucket_{b}_range"] = [float(edges[b]), float(edges[b + 1])]
+  return out
+
+
+def get_classifier_eval_fn(apply_fn: Callable, noise_sigmas):
+  """Per-batch correct counts of a classifier, clean and under Gaussian noise.
+
+  Args:
+    apply_fn: ``apply_fn(variables, x in [0, 1]) -> logits`` in inference mode (normalisation inside).
+    noise_sigmas: Gaussian noise levels (pixel space) to also evaluate at.
+
+  Returns:
+    ``eval_batch(variables, images, labels, mask, key) -> dict of scalar sums``; see ``finalize_classifier``.
+  """
+
+  def eval_batch(variables, images, labels, mask, key):
+    hits = lambda x: jnp.sum(mask * (jnp.argmax(apply_fn(variables, x), axis=-1) == labels))
+    sums = {"count": jnp.sum(mask), "correct/clean": hits(images)}
+    for i, sigma in enumerate(noise_sigmas):
+      noise = sigma * jax.random.normal(jax.random.fold_in(key, i), images.shape, images.dtype)
+      sums[f"correct/noise_{_key(sigma)}"] = hits(images + noise)
+    return sums
+
+  return eval_batch
+
+
+def finalize_classifier(sums: dict) -> dict:
+  count = float(sums["count"])
+  return {"accuracy/" + k.split("/", 1)[1]: float(v) / count for k, v in sums.items() if k.startswith("correct/")}
+
+
+def run(eval_batch_jit, variables, batches, key) -> dict:
+  """Sums ``eval_batch_jit(variables, *batch, fold_in(key, i))`` over the batches, on device until the end."""
+  total = None
+  for i, batch in enumerate(batches):
+    sums = eval_batch_jit(variables, *batch, jax.random.fold_in(key, i))
+    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+  if total is None:
+    raise ValueError("evaluation got no batches: the evaluation split is empty.")
+  return jax.device_get(total)

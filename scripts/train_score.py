@@ -1,0 +1,33 @@
+"""Trains a noise-conditional score network: a thin entry point over scoresmooth_jax.train.
+
+  python scripts/train_score.py --config configs/score_digits.py --workdir runs/score_digits
+
+Prints the model's parameter count and forward FLOPs per image first; ``--config.report_only`` stops there.
+Running the same command again with the same workdir resumes from the latest checkpoint.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from scoresmooth_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/score_*.py file (a ':tiny' suffix picks the "
+                                          "test variant).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics.jsonl and the export.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; progress lines are printed
+  config = _CONFIG.value
+  train.initialize_distributed(config)  # before model_report, which already uses the devices
+  print(train.describe_model(train.model_report(config)), flush=True)
+  if config.report_only:
+    return
+  metrics = train.train_and_evaluate(config, _WORKDIR.value)
+  print("final evaluation:", {k: v for k, v in metrics.items() if not isinstance(v, list)}, flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,194 @@
+"""Training: loss falls, sharded == single-device step, exact resume, mock-cifar10 end to end, bad configs fail
+early, the exported models load, and the tiny digits classifier reaches 95 %."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow_datasets as tfds
+
+from scoresmooth_jax import classifier, configs_util, data, denoise, sharding, train, train_state
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+def load_config(name: str, variant: str = "", **overrides):
+  return configs_util.load_config(f"configs/{name}.py", variant, **overrides)
+
+
+def read_metrics(workdir):
+  return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# Four steps of the tiny score config, checkpointing every 2 (the programs are those of the tiny config).
+FAST_SCORE = dict(train__num_steps=4, train__log_every=2, train__eval_every=4, train__checkpoint_every=2)
+
+
+def test_tiny_score_training_loss_falls_and_exports(tmp_path):
+  config = load_config("score_digits", "tiny")
+  metrics = train.train_and_evaluate(config, tmp_path)
+  losses = [r["loss"] for r in read_metrics(tmp_path) if "loss" in r]
+  assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+  for sigma in ("0.12", "0.25", "0.5", "1"):
+    assert np.isfinite(metrics[f"psnr/denoised/{sigma}"])
+  assert metrics["psnr/gain/0.5"] > 0  # even 40 steps beat the noisy input at sigma 0.5
+
+  score_fn = train.load_score_fn(tmp_path / "export")
+  assert (score_fn.sigma_min, score_fn.sigma_max, score_fn.image_shape) == (0.01, 1.0, (8, 8, 1))
+  images = jnp.asarray(data.get_source("digits", "test").get_batch(np.arange(8))[0])
+  noisy = images + 0.5 * jax.random.normal(jax.random.key(0), images.shape)
+  denoised = jax.jit(lambda y: denoise.one_step(score_fn, y, 0.5))(noisy)
+  assert denoised.shape == images.shape and jnp.all(jnp.isfinite(denoised))
+  per_example = score_fn(noisy, jnp.full((8,), 0.5))
+  np.testing.assert_allclose(per_example, score_fn(noisy, 0.5), rtol=1e-6)
+  assert hash(score_fn) != hash(train.load_score_fn(tmp_path / "export"))  # identity hash, as compile caches need
+  raw = train.load_score_fn(tmp_path / "export", use_ema=False)
+  assert not np.allclose(raw(noisy, 0.5), per_example)  # EMA and raw parameters really differ
+  with pytest.raises(ValueError, match="outside the score model's trained range"):
+    score_fn.check_sigmas([0.25, 2.0])
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("score_digits", dict(model__kwargs__channel_mults=(1,))),
+    ("classifier_digits", dict(model__kwargs__width=4)),  # BatchNorm: statistics over the global batch
+])
+def test_sharded_step_equals_single_device_step(name, overrides):
+  config = load_config(name, "tiny", **overrides)
+  task = train.build_task(config)
+  # SGD, not Adam: Adam's first step is lr * sign(gradient), which turns float rounding in near-zero
+  # gradients into lr-sized differences; SGD keeps the comparison at rounding level.
+  optimizer = optax.sgd(0.1)
+  images, labels = data.get_source("digits", "train").get_batch(np.arange(32))
+  images, labels = images[None], labels[None]  # one step per dispatch
+  results = []
+  for devices in (jax.devices(), jax.devices()[:1]):
+    mesh = sharding.data_mesh(devices)
+    state = train_state.jit_init(lambda key: train_state.create_state(task.init_variables(key), optimizer), mesh,
+                                 jax.random.key(0))(jax.random.key(0))
+    step = train_state.jit_train_step(train_state.get_train_step_fn(task.loss_fn, optimizer, 0.9), mesh)
+    state, metrics = step(state, images, labels, jax.random.key(1))
+    assert len(jax.tree.leaves(state.params)[0].devices()) == len(devices)
+    results.append((jax.device_get(state), jax.device_get(metrics)))
+  assert len(jax.devices()) == 8
+  (sharded, m8), (single, m1) = results
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_steps_per_dispatch_equals_one_step_at_a_time():
+  config = load_config("score_digits", "tiny", model__kwargs__channel_mults=(1,))
+  task = train.build_task(config)
+  optimizer = optax.sgd(0.1)  # see test_sharded_step_equals_single_device_step
+  mesh = sharding.data_mesh()
+  make_state = lambda key: train_state.create_state(task.init_variables(key), optimizer)
+  step = train_state.jit_train_step(train_state.get_train_step_fn(task.loss_fn, optimizer, 0.9), mesh)
+  images, labels = data.get_source("digits", "train").get_batch(np.arange(64))
+  images, labels = images.reshape(2, 32, 8, 8, 1), labels.reshape(2, 32)
+  rng = jax.random.key(1)
+  scanned, metrics = step(train_state.jit_init(make_state, mesh, rng)(rng), images, labels, rng)  # lax.scan
+  single = train_state.jit_init(make_state, mesh, rng)(rng)
+  losses = []
+  for i in range(2):
+    single, m = step(single, images[i:i + 1], labels[i:i + 1], rng)
+    losses.append(float(m["loss"][0]))
+  assert int(scanned.step) == int(single.step) == 2
+  np.testing.assert_allclose(metrics["loss"], losses, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(jax.device_get(scanned)), jax.tree.leaves(jax.device_get(single))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_checkpoint_stop_resume_is_exact(tmp_path):
+  straight = load_config("score_digits", "tiny", **FAST_SCORE)
+  train.train_and_evaluate(straight, tmp_path / "straight")
+
+  stopped = load_config("score_digits", "tiny", **{**FAST_SCORE, "train__num_steps": 2, "train__eval_every": 2})
+  train.train_and_evaluate(stopped, tmp_path / "resumed")
+  assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["2"]
+  train.train_and_evaluate(straight, tmp_path / "resumed")  # same command, same workdir: resumes at step 2
+
+  logged = [r["step"] for r in read_metrics(tmp_path / "resumed") if "loss" in r]
+  assert logged == [2, 4]  # continued at step 3, no step repeated
+  a = train.load_score_fn(tmp_path / "straight" / "export", use_ema=False).params
+  b = train.load_score_fn(tmp_path / "resumed" / "export", use_ema=False).params
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  ema_a = train.load_score_fn(tmp_path / "straight" / "export").params
+  ema_b = train.load_score_fn(tmp_path / "resumed" / "export").params
+  for x, y in zip(jax.tree.leaves(ema_a), jax.tree.leaves(ema_b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_mock_cifar10_end_to_end(tmp_path):
+  config = load_config("score_cifar10", "tiny")
+  with tfds.testing.mock_data(num_examples=32):
+    metrics = train.train_and_evaluate(config, tmp_path)
+  assert np.isfinite(metrics["loss/bucket_0"]) and np.isfinite(metrics["psnr/denoised/0.25"])
+  score_fn = train.load_score_fn(tmp_path / "export")
+  assert score_fn.image_shape == (32, 32, 3) and score_fn.metadata["model"] == "ncsnpp"
+  assert score_fn(jnp.full((2, 32, 32, 3), 0.5), 0.25).shape == (2, 32, 32, 3)
+
+
+@pytest.mark.parametrize("name, overrides, message", [
+    ("score_digits", dict(sigma__sigma_min=0.5, sigma__sigma_max=0.5), "sigma_min=0.5, sigma_max=0.5"),
+    ("score_digits", dict(sigma__sigma_min=1.0, sigma__sigma_max=0.1), "sigma_min=1.0, sigma_max=0.1"),
+    ("score_digits", dict(data__image_shape=(28, 28, 1)), r"image_shape=\(28, 28, 1\) but digits has images of"),
+    ("score_digits", dict(data__name="no_such_dataset_xyz"), "unknown dataset 'no_such_dataset_xyz'"),
+    ("score_digits", dict(model__name="no_such_model"), "unknown model 'no_such_model'"),
+    ("score_digits", dict(eval__sigmas=(0.25, 2.0)), "eval.sigmas has 2.0, outside the trained range"),
+    ("score_digits", dict(train__steps_per_dispatch=3), "multiple of train.steps_per_dispatch=3"),
+    ("score_digits", dict(task="denoise"), "task='denoise'"),
+    ("classifier_digits", dict(model__kwargs__num_classes=100), "num_classes=100 but digits has 10 classes"),
+])
+def test_bad_config_fails_before_training(tmp_path, name, overrides, message):
+  config = load_config(name, "tiny", **overrides)
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, tmp_path)
+  assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_nan_loss_stops_training(tmp_path, monkeypatch):
+  # Corrupt the training images after validation, so the program is the tiny config's (compiled already).
+  real_get_source = data.get_source
+  poisoned = data.get_source("digits", "train")
+  poisoned = data.ArraySource("digits", *poisoned.get_batch(np.arange(len(poisoned))))
+  poisoned._images[:] = np.nan
+  monkeypatch.setattr(data, "get_source", lambda name, split, **kw: poisoned if split == "train"
+                      else real_get_source(name, split, **kw))
+  with pytest.raises(FloatingPointError, match="loss became nan at step 1"):
+    train.train_and_evaluate(load_config("score_digits", "tiny", **FAST_SCORE), tmp_path)
+  assert not (tmp_path / "export").exists() and not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_tiny_digits_classifier_reaches_95_percent(tmp_path):
+  metrics = train.train_and_evaluate(load_config("classifier_digits", "tiny"), tmp_path)
+  clf = classifier.load_classifier(tmp_path / "export")
+  images, labels = data.get_source("digits", "test").get_batch(np.arange(400))
+  correct = classifier.accuracy(clf, images, labels)
+  assert correct >= 380, f"{correct} / 400"
+  assert metrics["accuracy/clean"] == pytest.approx(correct / 400)
+  assert clf.metadata["noise_sigma"] == 0.0 and set(metrics) == {"accuracy/clean", "accuracy/noise_0.25",
+                                                                 "accuracy/noise_0.5"}
+
+
+@pytest.mark.parametrize("name, min_params, max_params", [
+    ("score_digits", 5e4, 3e5), ("score_cifar10", 2e7, 1e8), ("score_imagenet", 2e7, 2e8),
+    ("classifier_digits", 1e4, 1e6), ("classifier_cifar10", 1e6, 3e6),
+])
+def test_full_configs_build(name, min_params, max_params):
+  report = train.model_report(load_config(name))
+  assert min_params < report["params"] < max_params and report["flops_per_image"] > 0
+
+
+def test_train_score_script_reports_model(tmp_path):
+  out = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_score.py"), "--config",
+                        str(ROOT / "configs" / "score_digits.py"), "--config.report_only", "--workdir",
+                        str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "126,985 parameters" in out.stdout and "MFLOPs per (8, 8, 1) image" in out.stdout
+  assert not list(tmp_path.iterdir())  # report only: nothing trained or written
