@@ -34,3 +34,21 @@ def fixtures_dir() -> pathlib.Path:
   if not path.is_dir():
     pytest.skip(f"real fixtures not found at {path} (set SCORESMOOTH_FIXTURES)")
   return path
+
+
+@pytest.fixture(scope="session")
+def ncsnpp_fixture(fixtures_dir):
+  """(params, x, sigma, out, score_sde model config) of the small NCSN++ parity fixture."""
+  import json
+
+  import numpy as np
+  from flax import traverse_util
+
+  path = fixtures_dir / "ncsnpp_small_parity.npz"
+  if not path.is_file():
+    pytest.skip(f"{path} not found")
+  data = np.load(path)
+  flat = {tuple(k[len("param:"):].split("/")): data[k] for k in data.files if k.startswith("param:")}
+  params = traverse_util.unflatten_dict(flat)["params"]
+  config = json.loads((fixtures_dir / "ncsnpp_small_parity_config.json").read_text())
+  return params, data["x"], data["sigma"], data["out"], config

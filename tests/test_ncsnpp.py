@@ -1,6 +1,5 @@
 """NCSN++: parity with score_sde's own output on real fixture weights, parameter-tree compatibility, FIR layers."""
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -17,25 +16,13 @@ from scoresmooth_jax.models import ncsnpp_layers as L
 PARITY_TOL = 1e-4  # max abs error; the fixture's scores are O(0.1), so this is ~1e-3 relative at worst
 
 
-def load_fixture(fixtures_dir):
-  """(params, x, sigma, out, score_sde model config) of the small NCSN++ parity fixture."""
-  path = fixtures_dir / "ncsnpp_small_parity.npz"
-  if not path.is_file():
-    pytest.skip(f"{path} not found")
-  data = np.load(path)
-  flat = {tuple(k[len("param:"):].split("/")): data[k] for k in data.files if k.startswith("param:")}
-  params = traverse_util.unflatten_dict(flat)["params"]
-  config = json.loads((fixtures_dir / "ncsnpp_small_parity_config.json").read_text())
-  return params, data["x"], data["sigma"], data["out"], config
-
-
 def shapes(tree):
   return {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(tree).items()}
 
 
 @pytest.fixture(scope="module")
-def fixture(fixtures_dir):
-  return load_fixture(fixtures_dir)
+def fixture(ncsnpp_fixture):
+  return ncsnpp_fixture
 
 
 @pytest.fixture(scope="module")

@@ -1,28 +1,15 @@
 """score_sde checkpoints -> score functions: the file layout, shape checks, the spec string, the VP map."""
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import serialization, traverse_util
+from flax import serialization
 
 from scoresmooth_jax import denoise, pretrained
 from scoresmooth_jax.models import ncsnpp as M
 
 PARITY_TOL = 1e-4  # as in test_ncsnpp.py
-
-
-def load_fixture(fixtures_dir):
-  """(params, x, sigma, out, score_sde model config) of the small NCSN++ parity fixture."""
-  path = fixtures_dir / "ncsnpp_small_parity.npz"
-  if not path.is_file():
-    pytest.skip(f"{path} not found")
-  data = np.load(path)
-  flat = {tuple(k[len("param:"):].split("/")): data[k] for k in data.files if k.startswith("param:")}
-  config = json.loads((fixtures_dir / "ncsnpp_small_parity_config.json").read_text())
-  return traverse_util.unflatten_dict(flat)["params"], data["x"], data["sigma"], data["out"], config
 
 
 def score_sde_state(params_ema, target):
@@ -40,8 +27,8 @@ def write(path, state):
 
 
 @pytest.fixture(scope="module")
-def fixture(fixtures_dir):
-  return load_fixture(fixtures_dir)
+def fixture(ncsnpp_fixture):
+  return ncsnpp_fixture
 
 
 @pytest.fixture(scope="module")
