@@ -47,7 +47,7 @@ def get_config(variant: str = ""):
 
   config.sigma = ml_collections.ConfigDict()
   config.sigma.sigma_min = 0.01
-  config.sigma.sigma_max = 1.0
+  config.sigma.sigma_max = 1.5  # a margin above the largest certified sigma, 1.0
   config.sigma.num_scales = 0
 
   config.optim = ml_collections.ConfigDict()
