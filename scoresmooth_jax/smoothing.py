@@ -92,7 +92,8 @@ def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:
   return float(stats.beta.ppf(alpha, int(k), n - int(k) + 1))
 
 
-@functools.lru_cache(maxsize=64)
+# Bounded: each entry holds a compiled program and the classifier (with its weights) it was built for.
+@functools.lru_cache(maxsize=8)
 def _counter(base_classifier: BaseClassifier, nz: noise_lib.Noise, image_shape: tuple[int, ...],
              dtype: np.dtype, num_classes: int, batch_size: int, mesh: Mesh):
   """Compiles (once per configuration) the sharded counting program ``(x, key, num) -> int32[num_classes]``."""

@@ -19,15 +19,22 @@ Promises:
   * ``train=True`` uses batch statistics and updates ``batch_stats`` (``mutable=["batch_stats"]``);
     certification always runs with ``train=False``.
   * ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
+  * ``fold_bn=True`` builds the inference-only variant in which every convolution that BatchNorm follows has a
+    bias and no BatchNorm runs; ``fold_batchnorm(variables)`` turns the ordinary model's variables into that
+    variant's parameters (same names for the kernels, ``bias`` added, ``bn*`` and ``batch_stats`` gone), so
+    ``model(fold_bn=True).apply(fold_batchnorm(v), x)`` equals ``model.apply(v, x, train=False)`` up to float
+    rounding, with a bias add in place of BatchNorm's scale and shift on every activation.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 # PyTorch's BatchNorm2d defaults: running = (1 - 0.1) * running + 0.1 * batch, and eps 1e-5.
 BN_MOMENTUM = 0.9
@@ -43,11 +50,70 @@ def _batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
                       name=name)
 
 
-def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str, use_bias: bool = False) -> nn.Conv:
   # PyTorch pads k // 2 on every side; Flax "SAME" would pad (0, 1) for stride 2 on even sizes.
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                 use_bias=False, dtype=dtype, kernel_init=_KERNEL_INIT, name=name)
+                 use_bias=use_bias, dtype=dtype, kernel_init=_KERNEL_INIT, name=name)
+
+
+def _bn_name(conv_name: str) -> str:
+  """The BatchNorm that follows a convolution: conv1 -> bn1, downsample_conv -> downsample_bn."""
+  return conv_name.replace("conv", "bn")
+
+
+def _conv_bn(x, features: int, kernel: int, stride: int, dtype: Any, name: str, train: bool, fold_bn: bool):
+  """Convolution ``name`` followed by its BatchNorm, or (``fold_bn``) one convolution with a bias instead."""
+  if fold_bn:
+    return _conv(features, kernel, stride, dtype, name, use_bias=True)(x)
+  return _batch_norm(train, dtype, _bn_name(name))(_conv(features, kernel, stride, dtype, name)(x))
+
+
+def _check_fold(fold_bn: bool, train: bool, model: str) -> None:
+  if fold_bn and train:
+    raise ValueError(f"{model}(fold_bn=True) is an inference-only network (BatchNorm is folded into the "
+                     "convolutions, so there are no batch statistics to train); train the model with "
+                     "fold_bn=False and fold its variables afterwards with fold_batchnorm.")
+
+
+def fold_batchnorm(variables: Mapping) -> dict:
+  """Folds every inference-mode BatchNorm into the convolution before it.
+
+  With s = scale / sqrt(var + eps): conv(x, W) * s + (bias - mean * s) = conv(x, W * s) + b, so each kernel is
+  scaled per output channel and gets the bias b. Computed in float64 on the host and stored as float32.
+
+  Args:
+    variables: ``{"params": ..., "batch_stats": ...}`` of a ResNet built with ``fold_bn=False``.
+
+  Returns:
+    ``{"params": ...}`` for the same ResNet built with ``fold_bn=True``.
+  """
+  if "params" not in variables or "batch_stats" not in variables:
+    raise ValueError(f"fold_batchnorm needs {{'params', 'batch_stats'}} of a ResNet with BatchNorm; got the "
+                     f"collections {sorted(variables)} (already folded?).")
+
+  def fold(params: Mapping, stats: Mapping, where: str) -> dict:
+    out = {}
+    for name, sub in params.items():
+      if not isinstance(sub, Mapping):
+        continue
+      if "kernel" in sub and _bn_name(name) != name and _bn_name(name) in params:
+        bn, bn_stats = params[_bn_name(name)], stats[_bn_name(name)]
+        scale = np.asarray(bn["scale"], np.float64) / np.sqrt(np.asarray(bn_stats["var"], np.float64) + BN_EPSILON)
+        kernel = np.asarray(sub["kernel"], np.float64) * scale  # HWIO: output channels on the last axis
+        bias = np.asarray(bn["bias"], np.float64) - np.asarray(bn_stats["mean"], np.float64) * scale
+        out[name] = {"kernel": kernel.astype(np.float32), "bias": bias.astype(np.float32)}
+      elif name.startswith("bn") or name.endswith("_bn"):
+        if name.replace("bn", "conv") not in params:  # a BatchNorm with no convolution before it
+          raise ValueError(f"fold_batchnorm: {where}{name} follows no convolution; this is not a ResNet.")
+      elif "kernel" in sub:  # the linear head
+        out[name] = {k: np.asarray(v, np.float32) for k, v in sub.items()}
+      else:
+        out[name] = fold(sub, stats.get(name, {}), f"{where}{name}/")
+    return out
+
+  host = jax.device_get(variables)
+  return {"params": fold(host["params"], host["batch_stats"], "")}
 
 
 class CifarBasicBlock(nn.Module):
@@ -57,14 +123,14 @@ class CifarBasicBlock(nn.Module):
   stride: int
   shortcut: str
   dtype: Any = jnp.float32
+  fold_bn: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     in_features = x.shape[-1]
-    y = _conv(self.features, 3, self.stride, self.dtype, "conv1")(x)
-    y = nn.relu(_batch_norm(train, self.dtype, "bn1")(y))
-    y = _conv(self.features, 3, 1, self.dtype, "conv2")(y)
-    y = _batch_norm(train, self.dtype, "bn2")(y)
+    conv_bn = functools.partial(_conv_bn, dtype=self.dtype, train=train, fold_bn=self.fold_bn)
+    y = nn.relu(conv_bn(x, self.features, 3, self.stride, name="conv1"))
+    y = conv_bn(y, self.features, 3, 1, name="conv2")
     if self.stride != 1 or in_features != self.features:
       if self.shortcut == "A":
         # Option A: keep every `stride`-th pixel (from the first, like x[:, :, ::2, ::2] in NCHW) and zero-pad
@@ -73,8 +139,7 @@ class CifarBasicBlock(nn.Module):
         extra = self.features - in_features
         x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
       else:
-        x = _conv(self.features, 1, self.stride, self.dtype, "downsample_conv")(x)
-        x = _batch_norm(train, self.dtype, "downsample_bn")(x)
+        x = conv_bn(x, self.features, 1, self.stride, name="downsample_conv")
     return nn.relu(y + x.astype(y.dtype))
 
 
@@ -87,6 +152,7 @@ class CifarResNet(nn.Module):
     shortcut: "A" (parameter-free, akamaster checkpoints) or "B" (1x1 conv + BN, Cohen et al. checkpoints).
     width: channels of the first stage; the stages have width, 2 * width and 4 * width channels.
     dtype: compute dtype (float32 or bfloat16); parameters are float32.
+    fold_bn: the inference-only variant with BatchNorm folded into the convolutions (``fold_batchnorm``).
   """
 
   depth: int = 20
@@ -94,6 +160,7 @@ class CifarResNet(nn.Module):
   shortcut: str = "A"
   width: int = 16
   dtype: Any = jnp.float32
+  fold_bn: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -108,13 +175,13 @@ class CifarResNet(nn.Module):
       raise ValueError(f"CifarResNet(width={self.width!r}): width must be a positive integer (16 in He et al.).")
     if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
       raise ValueError(f"CifarResNet(num_classes={self.num_classes!r}) must be a positive integer.")
+    _check_fold(self.fold_bn, train, "CifarResNet")
     blocks = (self.depth - 2) // 6
-    y = _conv(self.width, 3, 1, self.dtype, "conv1")(x)
-    y = nn.relu(_batch_norm(train, self.dtype, "bn1")(y))
+    y = nn.relu(_conv_bn(x, self.width, 3, 1, self.dtype, "conv1", train, self.fold_bn))
     for stage in range(3):
       for block in range(blocks):
         stride = 2 if (stage > 0 and block == 0) else 1
-        y = CifarBasicBlock(self.width * 2**stage, stride, self.shortcut, self.dtype,
+        y = CifarBasicBlock(self.width * 2**stage, stride, self.shortcut, self.dtype, self.fold_bn,
                             name=f"layer{stage + 1}_{block}")(y, train=train)
     y = jnp.mean(y, axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(y)
@@ -126,21 +193,19 @@ class Bottleneck(nn.Module):
   features: int
   stride: int
   dtype: Any = jnp.float32
+  fold_bn: bool = False
 
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     out_features = self.features * self.expansion
-    y = _conv(self.features, 1, 1, self.dtype, "conv1")(x)
-    y = nn.relu(_batch_norm(train, self.dtype, "bn1")(y))
-    y = _conv(self.features, 3, self.stride, self.dtype, "conv2")(y)
-    y = nn.relu(_batch_norm(train, self.dtype, "bn2")(y))
-    y = _conv(out_features, 1, 1, self.dtype, "conv3")(y)
-    y = _batch_norm(train, self.dtype, "bn3")(y)
+    conv_bn = functools.partial(_conv_bn, dtype=self.dtype, train=train, fold_bn=self.fold_bn)
+    y = nn.relu(conv_bn(x, self.features, 1, 1, name="conv1"))
+    y = nn.relu(conv_bn(y, self.features, 3, self.stride, name="conv2"))
+    y = conv_bn(y, out_features, 1, 1, name="conv3")
     if self.stride != 1 or x.shape[-1] != out_features:
-      x = _conv(out_features, 1, self.stride, self.dtype, "downsample_conv")(x)
-      x = _batch_norm(train, self.dtype, "downsample_bn")(x)
+      x = conv_bn(x, out_features, 1, self.stride, name="downsample_conv")
     return nn.relu(y + x.astype(y.dtype))
 
 
@@ -151,26 +216,32 @@ class ResNet(nn.Module):
     stage_sizes: Bottleneck blocks per stage; the stages have 64, 128, 256, 512 (x4 out) channels.
     num_classes: size of the logit vector (1000 for ImageNet).
     dtype: compute dtype (float32 or bfloat16); parameters are float32.
+    fold_bn: the inference-only variant with BatchNorm folded into the convolutions (``fold_batchnorm``).
   """
 
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   num_classes: int = 1000
   dtype: Any = jnp.float32
+  fold_bn: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     if len(self.stage_sizes) != 4 or any(not isinstance(n, int) or n < 1 for n in self.stage_sizes):
       raise ValueError(f"ResNet(stage_sizes={self.stage_sizes!r}): give four positive block counts, e.g. "
                        "(3, 4, 6, 3) for ResNet-50.")
-    y = nn.Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False, dtype=self.dtype,
+    _check_fold(self.fold_bn, train, "ResNet")
+    y = nn.Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=self.fold_bn, dtype=self.dtype,
                 kernel_init=_KERNEL_INIT, name="conv1")(x)
-    y = nn.relu(_batch_norm(train, self.dtype, "bn1")(y))
+    if not self.fold_bn:
+      y = _batch_norm(train, self.dtype, "bn1")(y)
+    y = nn.relu(y)
     # PyTorch's MaxPool2d(3, 2, padding=1) pads with -inf, as reduce_window's max does here.
     y = nn.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, blocks in enumerate(self.stage_sizes):
       for block in range(blocks):
         stride = 2 if (stage > 0 and block == 0) else 1
-        y = Bottleneck(64 * 2**stage, stride, self.dtype, name=f"layer{stage + 1}_{block}")(y, train=train)
+        y = Bottleneck(64 * 2**stage, stride, self.dtype, self.fold_bn, name=f"layer{stage + 1}_{block}")(
+            y, train=train)
     y = jnp.mean(y, axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(y)
 

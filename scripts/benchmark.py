@@ -1,0 +1,55 @@
+"""Benchmarks certification throughput on the current backend: a Markdown table on stdout and a JSON file.
+
+Run (5 minutes on 2 idle CPU cores, 7-8 when they are shared; --imagenet adds the ResNet-50 rows):
+  python scripts/benchmark.py --out runs/benchmark.json --fixtures_dir ../shared/fixtures
+Quick check (seconds):
+  python scripts/benchmark.py --tiny --out /tmp/benchmark_tiny.json
+
+All logic lives in ``scoresmooth_jax.benchmarking`` (see its docstring for what each row measures and how).
+XLA flags are read when JAX starts its backend, so --xla_flags is applied before JAX is imported.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+
+_OUT = flags.DEFINE_string("out", "benchmark.json", "Where to write the JSON results.")
+_TINY = flags.DEFINE_bool("tiny", False, "Tiny models and n: checks that everything runs, measures nothing useful.")
+_IMAGENET = flags.DEFINE_bool("imagenet", False, "Also benchmark the ImageNet ResNet-50.")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Per-device batch size of the classifier rows (default 64).")
+_REPEATS = flags.DEFINE_integer("repeats", None, "Interleaved repetitions per comparison (default 5).")
+_TORCH = flags.DEFINE_bool("torch", True, "Time the PyTorch eager baseline when torch is installed.")
+_NCSNPP = flags.DEFINE_bool("ncsnpp", True, "Run the NCSN++ one-step row (about 20 GFLOP per image).")
+_MEMORY = flags.DEFINE_bool("memory", True, "Measure peak memory in a fresh subprocess per configuration.")
+_FIXTURES = flags.DEFINE_string("fixtures_dir", None, "Directory with the trained ResNet-20 fixture and CIFAR-10 "
+                                "test images, for bfloat16 agreement on a trained network.")
+_XLA_FLAGS = flags.DEFINE_string(
+    "xla_flags", "recommended",
+    "XLA flags appended to $XLA_FLAGS before JAX starts: 'recommended' "
+    "(benchmarking.RECOMMENDED_CPU_XLA_FLAGS), 'none', or literal flags.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  # Imported here so that XLA_FLAGS is set before anything can start the JAX backend.
+  from scoresmooth_jax import benchmarking  # pylint: disable=import-outside-toplevel
+
+  extra = {"recommended": benchmarking.RECOMMENDED_CPU_XLA_FLAGS, "none": ""}.get(_XLA_FLAGS.value, _XLA_FLAGS.value)
+  if extra:
+    os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), extra) if f)
+  overrides = {k: v for k, v in dict(batch_size=_BATCH.value, repeats=_REPEATS.value).items() if v is not None}
+  overrides.update(torch=_TORCH.value, memory=_MEMORY.value, imagenet=_IMAGENET.value, fixtures_dir=_FIXTURES.value)
+  if _TINY.value:
+    config = benchmarking.tiny_config(**overrides)
+  else:
+    config = benchmarking.BenchmarkConfig(ncsnpp=_NCSNPP.value, **overrides)
+  results = benchmarking.run_benchmark(config, log=lambda line: print(f"# {line}", flush=True))
+  benchmarking.write_json(results, _OUT.value)
+  print(benchmarking.markdown_table(results))
+  print(f"\nJSON: {os.path.abspath(_OUT.value)}")
+
+
+if __name__ == "__main__":
+  app.run(main)
