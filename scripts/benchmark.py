@@ -5,7 +5,7 @@ Run (5 minutes on 2 idle CPU cores, 7-8 when they are shared; --imagenet adds th
 Quick check (seconds):
   python scripts/benchmark.py --tiny --out /tmp/benchmark_tiny.json
 
-All logic lives in ``scoresmooth_jax.benchmarking`` (see its docstring for what each row measures and how).
+All logic lives in ``scoresmooth_jax.bench`` (see its docstring for what each row measures and how).
 XLA flags are read when JAX starts its backend, so --xla_flags is applied before JAX is imported.
 """
 
@@ -27,27 +27,27 @@ _FIXTURES = flags.DEFINE_string("fixtures_dir", None, "Directory with the traine
 _XLA_FLAGS = flags.DEFINE_string(
     "xla_flags", "recommended",
     "XLA flags appended to $XLA_FLAGS before JAX starts: 'recommended' "
-    "(benchmarking.RECOMMENDED_CPU_XLA_FLAGS), 'none', or literal flags.")
+    "(bench.RECOMMENDED_CPU_XLA_FLAGS), 'none', or literal flags.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   # Imported here so that XLA_FLAGS is set before anything can start the JAX backend.
-  from scoresmooth_jax import benchmarking  # pylint: disable=import-outside-toplevel
+  from scoresmooth_jax import bench  # pylint: disable=import-outside-toplevel
 
-  extra = {"recommended": benchmarking.RECOMMENDED_CPU_XLA_FLAGS, "none": ""}.get(_XLA_FLAGS.value, _XLA_FLAGS.value)
+  extra = {"recommended": bench.RECOMMENDED_CPU_XLA_FLAGS, "none": ""}.get(_XLA_FLAGS.value, _XLA_FLAGS.value)
   if extra:
     os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), extra) if f)
   overrides = {k: v for k, v in dict(batch_size=_BATCH.value, repeats=_REPEATS.value).items() if v is not None}
   overrides.update(torch=_TORCH.value, memory=_MEMORY.value, imagenet=_IMAGENET.value, fixtures_dir=_FIXTURES.value)
   if _TINY.value:
-    config = benchmarking.tiny_config(**overrides)
+    config = bench.tiny_config(**overrides)
   else:
-    config = benchmarking.BenchmarkConfig(ncsnpp=_NCSNPP.value, **overrides)
-  results = benchmarking.run_benchmark(config, log=lambda line: print(f"# {line}", flush=True))
-  benchmarking.write_json(results, _OUT.value)
-  print(benchmarking.markdown_table(results))
+    config = bench.BenchmarkConfig(ncsnpp=_NCSNPP.value, **overrides)
+  results = bench.run_benchmark(config, log=lambda line: print(f"# {line}", flush=True))
+  bench.write_json(results, _OUT.value)
+  print(bench.markdown_table(results))
   print(f"\nJSON: {os.path.abspath(_OUT.value)}")
 
 

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from scoresmooth_jax import batching, benchmarking, classifier, noise, smoothing, torch_baseline
+from scoresmooth_jax import batching, bench, classifier, noise, smoothing, torch_baseline
 from scoresmooth_jax.models import resnet
 
 MIB = 2**20
 
 
 def _classifier(module, shape, seed=0):
-  variables = benchmarking.random_variables(module, jnp.zeros((1, *shape)), seed=seed)
+  variables = bench.random_variables(module, jnp.zeros((1, *shape)), seed=seed)
   # Spread BatchNorm statistics well away from (0, 1), so a wrong fold cannot hide behind near-identity BNs.
   rng = np.random.default_rng(seed + 1)
   variables["batch_stats"] = jax.tree.map(
@@ -105,7 +105,7 @@ def torch_and_jax_pair():
   module = resnet.CifarResNet(depth=8, shortcut="B", width=4)
   clf = _classifier(module, shape, seed=3)
   rng = np.random.default_rng(4)
-  clf = benchmarking.calibrate_classifier(clf, rng.uniform(size=(64, *shape)).astype(np.float32))
+  clf = bench.calibrate_classifier(clf, rng.uniform(size=(64, *shape)).astype(np.float32))
   model = torch_baseline.build_cifar_resnet(8, 10, clf.mean, clf.std, width=4)
   torch_baseline.load_flax_variables(model, clf.variables)
   return clf, model
@@ -136,14 +136,14 @@ def test_torch_baseline_counts_agree_with_sample_counts(torch_and_jax_pair):
 
 
 def test_benchmark_runs_end_to_end_in_tiny_mode(tmp_path):
-  config = benchmarking.tiny_config()
-  results = benchmarking.run_benchmark(config, log=lambda line: None)
+  config = bench.tiny_config()
+  results = bench.run_benchmark(config, log=lambda line: None)
   path = tmp_path / "bench.json"
-  benchmarking.write_json(results, path)
+  bench.write_json(results, path)
   loaded = json.loads(path.read_text())
   assert {"environment", "config", "rows", "targets", "agreement", "auto_batch_size", "memory_check",
           "notes"} <= set(loaded)
-  assert set(loaded["targets"]) == set(benchmarking.TARGETS)
+  assert set(loaded["targets"]) == set(bench.TARGETS)
   rows = {r["id"]: r for r in loaded["rows"]}
   timed = [f"{s}.{v}" for s in "ab" for v in config.classifier_variants]
   timed += ["c.raw", "c.counts", "d.score", "d.classifier", "d.raw", "d.counts", "e.train"]
@@ -165,6 +165,6 @@ def test_benchmark_runs_end_to_end_in_tiny_mode(tmp_path):
   assert 0.0 <= loaded["agreement"]["random_resnet"]["agreement"] <= 1.0
   auto = loaded["auto_batch_size"]
   assert auto["estimated_bytes"] <= auto["budget_bytes"] and auto["batch_size"] & (auto["batch_size"] - 1) == 0
-  table = benchmarking.markdown_table(results)
+  table = bench.markdown_table(results)
   assert table.count("\n| ") >= len(timed) and "peak_memory_large_n_vs_small_n" in table
   assert loaded["config"]["depth"] == config.depth

@@ -1,0 +1,49 @@
+"""Benchmarks of the certification pipeline on the current JAX backend: samples/s, achieved FLOP/s, peak memory.
+
+``run_benchmark(config)`` measures, in one process and at one per-device batch size B unless a row says otherwise:
+  a      the raw jitted classifier forward pass on a batch of noisy images (CIFAR ResNet-110, option-B shortcuts as
+         in Cohen et al.; random weights), float32, float32 with BatchNorm folded, bfloat16 folded;
+  b      the same classifiers inside ``smoothing.sample_counts`` (noise, forward, argmax, counts kept on device),
+         with the ratio b / a (target >= 0.95);
+  torch  the PyTorch eager loop of ``torch_baseline`` on the same weights, when torch imports, and JAX / PyTorch
+         (targets: float32 >= 1.0, bfloat16 >= 1.2);
+  c      one-step (Tweedie) denoiser (a ScoreUNet) + classifier, raw and inside sample_counts (>= 0.95), and the
+         full score_sde NCSN++ preset ``cifar10_ncsnpp_continuous`` + ResNet-110 (random weights, small n);
+  d      the annealed denoiser (L levels x T steps) + classifier inside sample_counts, against the cost of
+         L * T score forwards + one classifier forward measured on their own (target <= 1.1);
+  e      one score-training step (``train_state`` + ``losses``, as ``train.py`` builds it);
+  mem    sample_counts of a small classifier at n = 1,000 and n = 100,000 (target: peak memory within 10 %);
+  imagenet  (``imagenet=True``) ImageNet ResNet-50 rows a and b.
+It also measures bfloat16's label agreement with float32 on the same noisy batches and picks a batch size with
+``batching.auto_batch_size``.
+
+How it measures, and why:
+  * Time: every variant is compiled and run once first; then the variants compared with each other run
+    interleaved (A, B, C, A, B, C, ...) ``repeats`` times, and each row reports the median with its spread
+    (max - min) / median. The machine may be shared, and interleaving keeps ratios fair while speed drifts.
+  * FLOPs: XLA's cost analysis of the compiled single-batch program (per device). XLA counts a loop's body once,
+    so looping rows (sample_counts, annealed, PyTorch) take the FLOPs of their single-batch parts.
+  * Peak memory: each configuration runs again in a fresh subprocess, so no earlier row's buffers or caches
+    count. Accelerators: ``memory_stats()["peak_bytes_in_use"]``. CPU (where memory_stats is None): the peak RSS
+    (VmHWM) of the measured call, after compilation and one warm-up call, with the high-water mark reset through
+    ``/proc/self/clear_refs`` and glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``) so freed buffers leave
+    the RSS; reported as growth over the RSS before the call, beside the whole process's peak. Without
+    clear_refs it falls back to ``ru_maxrss`` (lifetime peak, compilation included) and says so.
+"""
+
+# The modules: ``config`` (what to run), ``measure`` (timing and XLA cost), ``memory`` (peak memory, in a
+# subprocess), ``workbench`` (models with random weights and the timed cases), ``environment`` (backend and CPU),
+# ``sections`` (the rows and ``run_benchmark``), ``report`` (Markdown and JSON).
+
+from scoresmooth_jax.bench.config import MIB, RECOMMENDED_CPU_XLA_FLAGS, TARGETS, BenchmarkConfig, tiny_config
+from scoresmooth_jax.bench.environment import cpu_features, environment, xla_cpu_threads
+from scoresmooth_jax.bench.measure import UNCONTENDED_CORES, Timing, interleaved
+from scoresmooth_jax.bench.memory import measure_peak_memory, probe_memory_in_subprocess
+from scoresmooth_jax.bench.report import markdown_table, write_json
+from scoresmooth_jax.bench.sections import VARIANT_LABELS, run_benchmark
+from scoresmooth_jax.bench.workbench import Case, Workbench, calibrate_classifier, random_variables
+
+__all__ = ["MIB", "RECOMMENDED_CPU_XLA_FLAGS", "TARGETS", "BenchmarkConfig", "tiny_config", "cpu_features",
+           "environment", "xla_cpu_threads", "UNCONTENDED_CORES", "Timing", "interleaved", "measure_peak_memory",
+           "probe_memory_in_subprocess", "markdown_table", "write_json", "VARIANT_LABELS", "run_benchmark", "Case",
+           "Workbench", "calibrate_classifier", "random_variables"]

@@ -1,0 +1,385 @@
+"""The rows of a benchmark run: each ``_*_section`` times one group of cases (interleaved) and adds rows, targets
+and notes to ``_Results``; ``run_benchmark(config)`` runs them all and returns the results as a JSON-ready dict
+(see ``scoresmooth_jax.bench`` for what each row measures and how).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scoresmooth_jax import batching, noise, smoothing, torch_baseline
+from scoresmooth_jax.bench.config import MIB, TARGETS, BenchmarkConfig
+from scoresmooth_jax.bench.environment import environment, xla_cpu_threads
+from scoresmooth_jax.bench.measure import UNCONTENDED_CORES, Timing, _median, _spread, interleaved
+from scoresmooth_jax.bench.memory import probe_memory_in_subprocess
+from scoresmooth_jax.bench.workbench import Case, Workbench
+
+def _row(row_id: str, description: str, case: Case | None, timing: Timing | None = None, name: str | None = None,
+         **extra) -> dict:
+  row = {"id": row_id, "description": description, "batch_size": None, "samples_per_call": None,
+         "samples_per_s": None, "spread": None, "flops_per_sample": None, "flops_source": None,
+         "achieved_flops_per_s": None, "compile_seconds": None, "xla_memory_bytes": None,
+         "peak_memory_growth_bytes": None, "peak_memory_bytes": None, "memory_method": None, "ratio": None,
+         "ratio_to": None, "best_samples_per_s": None, "contention_cores": None, "uncontended_samples_per_s": None,
+         "uncontended_repeats": None, "note": ""}
+  if case is not None and timing is not None:
+    seconds, others = timing.seconds[name or row_id], timing.others_cores[name or row_id]
+    rate = case.samples / _median(seconds)
+    quiet = [t for t, o in zip(seconds, others or ()) if o < UNCONTENDED_CORES]
+    row.update(contention_cores=None if others is None else _median(others), uncontended_repeats=len(quiet),
+               uncontended_samples_per_s=case.samples / _median(quiet) if quiet else None)
+    row.update(batch_size=case.batch_size, samples_per_call=case.samples, samples_per_s=rate,
+               best_samples_per_s=case.samples / min(seconds),
+               spread=_spread(seconds), flops_per_sample=case.flops_per_sample, flops_source=case.flops_source,
+               achieved_flops_per_s=rate * case.flops_per_sample, compile_seconds=case.compile_seconds,
+               xla_memory_bytes=case.xla_bytes)
+  row.update(extra)
+  return row
+
+
+def _target(name: str, value, note: str = "") -> dict:
+  op, threshold = TARGETS[name]
+  if value is None or not np.isfinite(value):
+    met = None
+  elif op == ">=":
+    met = bool(value >= threshold)
+  elif op == "<=":
+    met = bool(value <= threshold)
+  else:
+    met = bool(abs(value - 1.0) <= threshold)
+  return {"value": value, "target": f"{op} {threshold}" if op != "within" else f"within {threshold:.0%} of 1",
+          "met": met, "note": note}
+
+
+def _labels_agreement(reference: Callable, other: Callable, images, nz: noise.Noise, draws: int, batch: int,
+                      key: jax.Array) -> dict:
+  """Fraction of identical top-1 labels of two classifiers on the same noisy copies of each image."""
+  pair = jax.jit(lambda x: (jnp.argmax(reference(x), -1), jnp.argmax(other(x), -1)))
+  same = total = 0
+  majority = []
+  for i, image in enumerate(images):
+    labels = []
+    for b in range(-(-draws // batch)):
+      eps = nz.sample(jax.random.fold_in(jax.random.fold_in(key, i), b), (batch, *image.shape))
+      a, o = pair(jnp.asarray(image)[None] + eps)
+      a, o = np.asarray(a), np.asarray(o)
+      same += int((a == o).sum())
+      total += a.size
+      labels.append(a)
+    labels = np.concatenate(labels)
+    majority.append(float(np.bincount(labels).max() / labels.size))
+  return {"agreement": same / total, "samples": total, "mean_top_class_fraction": float(np.mean(majority))}
+
+
+def _fixture_agreement(config: BenchmarkConfig, nz: noise.Noise, log) -> dict | None:
+  """bfloat16 vs float32 label agreement of the trained ResNet-20 fixture on real CIFAR-10 test images."""
+  if not config.fixtures_dir:
+    return None
+  from scoresmooth_jax import convert  # pylint: disable=import-outside-toplevel
+
+  directory = os.path.expanduser(config.fixtures_dir)
+  checkpoint = os.path.join(directory, "resnet20-12fca82f.th")
+  data = os.path.join(directory, "cifar10_test_first1017.npz")
+  if not (os.path.isfile(checkpoint) and os.path.isfile(data)):
+    log(f"fixtures not found in {directory}: skipping the trained ResNet-20 agreement")
+    return None
+  try:
+    clf = convert.convert_torch_checkpoint(checkpoint).to_classifier().folded()
+  except ImportError as err:
+    log(f"skipping the trained ResNet-20 agreement: {err}")
+    return None
+  with np.load(data, allow_pickle=False) as arrays:
+    images = arrays["images"][:config.agreement_images * 4].astype(np.float32) / 255.0
+  bf16 = dataclasses.replace(clf, compute_dtype=jnp.bfloat16)
+  result = _labels_agreement(clf, bf16, images, nz, config.agreement_draws, min(config.agreement_draws, 128),
+                             jax.random.key(config.seed + 5))
+  return {"classifier": "akamaster ResNet-20 (trained), BN folded", "images": len(images), **result}
+
+
+VARIANT_LABELS = {"f32": "float32", "f32_folded": "float32, BN folded", "bf16_folded": "bfloat16, BN folded"}
+
+
+@dataclasses.dataclass
+class _Results:
+  """What the sections of a run add to."""
+
+  bench: Workbench
+  env: dict
+  log: Callable[[str], None]
+  rows: list = dataclasses.field(default_factory=list)
+  targets: dict = dataclasses.field(default_factory=dict)
+  notes: list = dataclasses.field(default_factory=list)
+  extra: dict = dataclasses.field(default_factory=dict)
+
+  def row(self, row_id: str) -> dict:
+    return next(r for r in self.rows if r["id"] == row_id)
+
+  def rate(self, case_id: str, timing: Timing, name: str | None = None) -> float:
+    return self.bench.case(case_id).samples / _median(timing.seconds[name or case_id])
+
+
+def _classifier_section(res: _Results) -> None:
+  """Rows a and b: the classifier's forward pass against the same classifier inside sample_counts."""
+  bench, cfg = res.bench, res.bench.config
+  res.log("a/b: classifier forward vs sample_counts")
+  variants = cfg.classifier_variants
+  timing = interleaved({f"{s}.{v}": bench.case(f"{s}.{v}").run for v in variants for s in ("a", "b")},
+                       cfg.repeats)
+  depth = f"ResNet-{cfg.depth}"
+  for v in variants:
+    res.rows.append(_row(f"a.{v}", f"(a) {depth} forward, {VARIANT_LABELS[v]}", bench.case(f"a.{v}"), timing))
+    ratio = res.rate(f"b.{v}", timing) / res.rate(f"a.{v}", timing)
+    res.rows.append(_row(f"b.{v}", f"(b) {depth} in sample_counts, {VARIANT_LABELS[v]}", bench.case(f"b.{v}"),
+                         timing, ratio=ratio, ratio_to=f"a.{v}"))
+  res.targets["sample_counts_vs_forward.classifier"] = _target(
+      "sample_counts_vs_forward.classifier", min(res.row(f"b.{v}")["ratio"] for v in variants),
+      f"worst of {', '.join(variants)}")
+  res.extra["counts"] = {v: timing.outputs[f"b.{v}"] for v in variants}  # same key for every variant
+
+
+def _torch_section(res: _Results) -> None:
+  """The PyTorch eager loop against sample_counts, same weights, same n, interleaved."""
+  bench, cfg = res.bench, res.bench.config
+  if not cfg.torch or res.env["torch"] is None:
+    reason = "disabled" if not cfg.torch else "torch is not installed"
+    res.notes.append(f"PyTorch baseline skipped: {reason}.")
+    for name in ("jax_float32_vs_torch", "jax_bfloat16_vs_torch"):
+      res.targets[name] = _target(name, None, reason)
+    return
+  res.log("torch: PyTorch eager loop vs sample_counts")
+  threads = torch_baseline.configure_threads(xla_cpu_threads())
+  res.env["threads"] = {"xla_cpu": xla_cpu_threads(), **threads}
+  # PyTorch's OpenMP workers meet at a barrier after every operator: when another process takes one of the
+  # cores, the 2-thread loop slows down many times over while 1 thread does not. Both run, and the targets
+  # compare against the faster, so a shared machine cannot flatter JAX.
+  torch_ids = ("torch.f32", "torch.f32_1thread")
+  num = bench.case("torch.f32").samples
+  fns = {t: bench.case(t).run for t in torch_ids}
+  for v in cfg.classifier_variants:
+    clf = bench.classifier(v)
+    fns[f"jax.{v}"] = (lambda clf=clf: smoothing.sample_counts(
+        clf, bench.image, bench.nz, num, jax.random.key(cfg.seed + 11), num_classes=cfg.num_classes,
+        batch_size=cfg.batch_size, mesh=bench.mesh))
+  timing = interleaved(fns, max(3, cfg.repeats - 1))
+  for t, n in zip(torch_ids, (threads["torch_intra_op_threads"], 1)):
+    res.rows.append(_row(t, f"PyTorch eager MC loop, ResNet-{cfg.depth}, float32 NCHW, {n} thread(s)",
+                         bench.case(t), timing))
+  jax_rows = {v: _row(f"jax_vs_torch.{v}", f"sample_counts {VARIANT_LABELS[v]} vs the faster PyTorch (same n)",
+                      dataclasses.replace(bench.case(f"b.{v}"), samples=num), timing, f"jax.{v}")
+              for v in cfg.classifier_variants}
+  # Uncontended medians when every side had uncontended calls; otherwise the medians of all calls.
+  quiet = all(r["uncontended_samples_per_s"] for r in [res.row(t) for t in torch_ids] + list(jax_rows.values()))
+  key = "uncontended_samples_per_s" if quiet else "samples_per_s"
+  best_torch = max(torch_ids, key=lambda t: res.row(t)[key])
+  for v, row in jax_rows.items():
+    row.update(ratio=row[key] / res.row(best_torch)[key], ratio_to=best_torch,
+               ratio_of_best=row["best_samples_per_s"] / max(res.row(t)["best_samples_per_s"] for t in torch_ids))
+    res.rows.append(row)
+  which = "uncontended medians" if quiet else "medians (no uncontended calls on some side)"
+  for name, v in (("jax_float32_vs_torch", "f32_folded"), ("jax_bfloat16_vs_torch", "bf16_folded")):
+    if v not in jax_rows:
+      res.targets[name] = _target(name, None, f"{v} not in classifier_variants")
+      continue
+    note = f"{VARIANT_LABELS[v]} vs {best_torch}, {which}; fastest calls: {jax_rows[v]['ratio_of_best']:.2f}"
+    if v == "f32_folded" and "f32" in jax_rows:
+      note += f"; unfolded float32: {jax_rows['f32']['ratio']:.2f}"
+    res.targets[name] = _target(name, jax_rows[v]["ratio"], note)
+
+
+def _agreement_section(res: _Results) -> None:
+  """bfloat16 against float32 labels on the same noisy batches (and the same-key counts of rows b)."""
+  bench, cfg = res.bench, res.bench.config
+  res.log("bfloat16 label agreement")
+  counts = res.extra["counts"]
+  tv = lambda a, b: 0.5 * float(np.abs(a - b).sum()) / float(a.sum())
+  agreement = {"same_key_counts_total_variation": tv(counts["f32_folded"], counts["bf16_folded"])
+                                                  if {"f32_folded", "bf16_folded"} <= set(counts) else None}
+  rng = np.random.default_rng(cfg.seed + 3)
+  images = [np.asarray(bench.image)] + [rng.uniform(size=cfg.image_shape).astype(np.float32)
+                                        for _ in range(cfg.agreement_images - 1)]
+  batch = min(cfg.agreement_draws, cfg.batch_size)
+  weights = "random weights with calibrated BatchNorm" if cfg.calibrate else "random weights (uncalibrated)"
+  agreement["random_resnet"] = {
+      "classifier": f"ResNet-{cfg.depth}, {weights}, BN folded", "images": len(images),
+      **_labels_agreement(bench.classifier("f32_folded"), bench.classifier("bf16_folded"), images, bench.nz,
+                          cfg.agreement_draws, batch, jax.random.key(cfg.seed))}
+  agreement["folded_vs_unfolded"] = _labels_agreement(bench.classifier("f32"), bench.classifier("f32_folded"),
+                                                      images[:1], bench.nz, cfg.agreement_draws, batch,
+                                                      jax.random.key(cfg.seed))
+  fixture = _fixture_agreement(cfg, bench.nz, res.log)
+  if fixture is not None:
+    agreement["trained_resnet20"] = fixture
+  primary = agreement.get("trained_resnet20", agreement["random_resnet"])
+  res.targets["bfloat16_label_agreement"] = _target(
+      "bfloat16_label_agreement", primary["agreement"],
+      f"{primary['classifier']}, {primary['samples']} noisy samples; random ResNet-{cfg.depth}: "
+      f"{agreement['random_resnet']['agreement']:.4f}")
+  res.extra["agreement"] = agreement
+
+
+def _one_step_section(res: _Results) -> None:
+  """Row c: one-step denoiser + classifier, raw against sample_counts; then the NCSN++ preset."""
+  bench, cfg = res.bench, res.bench.config
+  res.log("c: one-step denoiser + classifier")
+  timing = interleaved({n: bench.case(n).run for n in ("c.raw", "c.counts")}, cfg.repeats)
+  unet, depth = _unet_name(cfg), f"ResNet-{cfg.depth}"
+  res.rows.append(_row("c.raw", f"(c) one-step {unet} + {depth}, forward", bench.case("c.raw"), timing))
+  ratio = res.rate("c.counts", timing) / res.rate("c.raw", timing)
+  res.rows.append(_row("c.counts", f"(c) one-step {unet} + {depth} in sample_counts", bench.case("c.counts"),
+                       timing, ratio=ratio, ratio_to="c.raw"))
+  res.targets["sample_counts_vs_forward.one_step"] = _target("sample_counts_vs_forward.one_step", ratio)
+  if not cfg.ncsnpp:
+    return
+  res.log("c: NCSN++ (cifar10_ncsnpp_continuous, random weights) one-step + classifier")
+  raw_id, counts_id = "c.ncsnpp_raw", "c.ncsnpp_counts"
+  timing = interleaved({n: bench.case(n).run for n in (raw_id, counts_id)}, max(1, cfg.repeats // 2))
+  params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(bench.ncsnpp_score_fn().params)))
+  raw, counts = bench.case(raw_id), bench.case(counts_id)
+  res.rows.append(_row(raw_id, f"(c) one-step NCSN++ ({params / 1e6:.1f}M params) + {depth}, forward", raw, timing))
+  res.rows.append(_row(counts_id, f"(c) one-step NCSN++ + {depth} in sample_counts, n={counts.samples}", counts,
+                       timing, ratio=res.rate(counts_id, timing) / res.rate(raw_id, timing), ratio_to=raw_id))
+  res.extra["ncsnpp"] = {"preset": "cifar10_ncsnpp_continuous", "params": params,
+                         "flops_per_image_denoiser_plus_classifier": raw.flops_per_sample,
+                         "flops_per_image_classifier": bench.case("d.classifier").flops_per_sample,
+                         "samples_per_s_sample_counts": res.rate(counts_id, timing)}
+
+
+def _unet_name(cfg: BenchmarkConfig) -> str:
+  return f"ScoreUNet(ch={cfg.unet_channels}, mults={cfg.unet_mults})"
+
+
+def _annealed_section(res: _Results) -> None:
+  """Row d: annealed denoiser + classifier against L * T score forwards + one classifier forward."""
+  bench, cfg = res.bench, res.bench.config
+  res.log(f"d: annealed denoiser (L={cfg.levels} x T={cfg.steps_per_level}) + classifier")
+  names = ("d.counts", "d.raw", "d.score", "d.classifier")
+  timing = interleaved({n: bench.case(n).run for n in names}, max(2, cfg.repeats - 2))
+  # Seconds per sample per device, from the medians.
+  per_sample = {n: _median(timing.seconds[n]) / (bench.case(n).samples / bench.devices) for n in names}
+  evaluations = cfg.levels * cfg.steps_per_level
+  expected = evaluations * per_sample["d.score"] + per_sample["d.classifier"]
+  unet, depth, anneal = _unet_name(cfg), f"ResNet-{cfg.depth}", f"L={cfg.levels} x T={cfg.steps_per_level}"
+  parts = f"{evaluations} x d.score + d.classifier"
+  res.rows.append(_row("d.score", f"(d) one score forward ({unet})", bench.case("d.score"), timing))
+  res.rows.append(_row("d.classifier", f"(d) one classifier forward ({depth}, folded)", bench.case("d.classifier"),
+                       timing))
+  res.rows.append(_row("d.raw", f"(d) annealed {anneal} + {depth}, forward", bench.case("d.raw"), timing,
+                       ratio=per_sample["d.raw"] / expected, ratio_to=parts))
+  ratio = per_sample["d.counts"] / expected
+  res.rows.append(_row("d.counts", f"(d) annealed {anneal} + {depth} in sample_counts", bench.case("d.counts"),
+                       timing, ratio=ratio, ratio_to=parts))
+  res.targets["annealed_vs_expected"] = _target("annealed_vs_expected", ratio, "time ratio, lower is better")
+
+
+def _train_section(res: _Results) -> None:
+  bench, cfg = res.bench, res.bench.config
+  res.log("e: score training step")
+  timing = interleaved({"e.train": bench.case("e.train").run}, max(2, cfg.repeats - 2))
+  res.rows.append(_row("e.train", f"(e) DSM training step, {_unet_name(cfg)}, Adam + EMA", bench.case("e.train"),
+                       timing, note="samples = training images"))
+
+
+def _imagenet_section(res: _Results) -> None:
+  bench, cfg = res.bench, res.bench.config
+  res.log("imagenet: ResNet-50")
+  names = ["imagenet.a.f32", "imagenet.a.f32_folded", "imagenet.b.f32_folded", "imagenet.a.bf16_folded"]
+  timing = interleaved({n: bench.case(n).run for n in names}, max(2, cfg.repeats - 2))
+  for n in names:
+    kind, precision = n.split(".")[1:]
+    extra = {}
+    if kind == "b":
+      forward = f"imagenet.a.{precision}"
+      extra = dict(ratio=res.rate(n, timing) / res.rate(forward, timing), ratio_to=forward)
+    label = ("forward" if kind == "a" else "in sample_counts") + f", {VARIANT_LABELS[precision]}"
+    res.rows.append(_row(n, f"ImageNet ResNet-50 {label}", bench.case(n), timing, **extra))
+
+
+def _auto_batch_section(res: _Results) -> None:
+  """The batch size ``batching`` picks for the folded float32 classifier within the configured budget."""
+  bench, cfg = res.bench, res.bench.config
+  res.log("auto batch size")
+  choice = batching.choose_batch_size(bench.classifier("f32_folded"), cfg.image_shape, cfg.auto_budget_mib * MIB)
+  res.extra["auto_batch_size"] = {
+      **dataclasses.asdict(choice),
+      "estimated_bytes_at_benchmark_batch": choice.fixed_bytes + choice.bytes_per_sample * cfg.batch_size}
+
+
+def _memory_section(res: _Results) -> None:
+  """Peak memory of each configuration in a fresh subprocess, and the n = small vs n = large check."""
+  cfg = res.bench.config
+  name = "peak_memory_large_n_vs_small_n"
+  if not cfg.memory:
+    res.targets[name] = _target(name, None, "memory=False")
+    return
+  probe_ids = [r["id"] for r in res.rows if r["id"].split(".")[0] in ("a", "b", "c", "d", "e", "torch", "imagenet")
+               and r["id"] not in ("d.score", "d.classifier")]
+  wanted = list(cfg.memory_rows) if cfg.memory_rows is not None else probe_ids + ["mem.small", "mem.large"]
+  res.log(f"memory: {len(wanted)} configurations, each in a fresh subprocess ({cfg.memory_workers} at a time)")
+  with concurrent.futures.ThreadPoolExecutor(cfg.memory_workers) as pool:
+    probed = dict(zip(wanted, pool.map(lambda case_id: probe_memory_in_subprocess(cfg, case_id), wanted)))
+  by_id = {r["id"]: r for r in res.rows}
+  for case_id, result in probed.items():
+    if case_id not in by_id:
+      continue
+    row = by_id[case_id]
+    if "error" in result:
+      row["note"] = (row["note"] + "; " if row["note"] else "") + f"memory probe failed: {result['error']}"
+    else:
+      row.update(peak_memory_growth_bytes=result["growth_bytes"], peak_memory_bytes=result["peak_bytes"],
+                 memory_method=result["method"])
+  checks = {k: probed[k] for k in ("mem.small", "mem.large") if k in probed}
+  res.extra["memory_check"] = checks
+  if len(checks) < 2 or any("error" in v for v in checks.values()):
+    res.targets[name] = _target(name, None, f"not measured: {checks}")
+    return
+  small, large = checks["mem.small"], checks["mem.large"]
+  for key, result, n in (("mem.small", small, cfg.memory_check_num[0]), ("mem.large", large, cfg.memory_check_num[1])):
+    res.rows.append(_row(key, f"sample_counts, small ResNet-8 {cfg.memory_check_shape}, n={n:,}", None, None,
+                         batch_size=cfg.memory_check_batch, samples_per_call=n,
+                         peak_memory_growth_bytes=result["growth_bytes"], peak_memory_bytes=result["peak_bytes"],
+                         memory_method=result["method"]))
+  ratio = large["peak_bytes"] / small["peak_bytes"]
+  growth = large["growth_bytes"] / max(small["growth_bytes"], 1)
+  res.rows[-1].update(ratio=ratio, ratio_to="mem.small")
+  res.targets[name] = _target(name, ratio, f"process peak RSS; growth during the call: "
+                              f"{large['growth_bytes'] / MIB:.1f} MiB vs {small['growth_bytes'] / MIB:.1f} MiB "
+                              f"(ratio {growth:.3f})")
+
+
+def run_benchmark(config: BenchmarkConfig = BenchmarkConfig(), log: Callable[[str], None] = print) -> dict:
+  """Runs every row of ``config`` (module docstring) and returns the results as a JSON-ready dict."""
+  started = time.perf_counter()
+  env = environment()
+  res = _Results(bench=Workbench(config, calibrate=config.calibrate), env=env,
+                 log=lambda line: log(f"[{time.perf_counter() - started:6.1f} s] {line}"))
+  res.log(f"backend {env['backend']} ({env['device_kind']}) x{env['devices']}, jax {env['jax']}, "
+          f"XLA_FLAGS={env['xla_flags']!r}")
+  sections = [_classifier_section, _torch_section, _agreement_section, _one_step_section, _annealed_section,
+              _train_section]
+  if config.imagenet:
+    sections.append(_imagenet_section)
+  loads = []
+  for section in sections + [_auto_batch_section, _memory_section]:
+    loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
+    section(res)
+  env["load_average_1min"] = loads
+  cores = xla_cpu_threads()
+  if env["backend"] == "cpu" and max(loads) > cores:
+    res.notes.append(f"the machine was shared: 1-minute load average up to {max(loads):.1f} on {cores} cores. "
+                     "Absolute rates are contended; ratios come from interleaved runs.")
+  if env["backend"] == "cpu":
+    cpu = env["cpu"]
+    res.notes.append(f"CPU bfloat16 support: avx512_bf16={cpu['avx512_bf16']}, amx_bf16={cpu['amx_bf16']}.")
+  return {"environment": env, "config": dataclasses.asdict(config), "rows": res.rows,
+          "targets": {k: res.targets.get(k, _target(k, None, "not run")) for k in TARGETS},
+          "agreement": res.extra.get("agreement"), "auto_batch_size": res.extra.get("auto_batch_size"),
+          "ncsnpp": res.extra.get("ncsnpp"), "memory_check": res.extra.get("memory_check", {}),
+          "notes": res.notes, "wall_seconds": time.perf_counter() - started}
