@@ -215,9 +215,21 @@ def describe_model(report: dict) -> str:
 
 
 def initialize_distributed(config) -> None:
-  """``jax.distributed.initialize()`` when ``config.distributed``, once, before any other JAX call."""
+  """Joins the cluster when ``config.distributed``, once, before any other JAX call (JAX detects the cluster)."""
   if config.distributed and not jax.distributed.is_initialized():
-    jax.distributed.initialize()  # not wrapped: a failure to reach the coordinator must stop the run
+    sharding.initialize_distributed()  # not wrapped: a failure to reach the coordinator must stop the run
+
+
+def run_training_command(config, workdir) -> dict:
+  """What ``scripts/train_score.py`` and ``scripts/train_classifier.py`` do: report the model's size, then
+  train (or resume) and print the final evaluation; ``config.report_only`` stops after the report."""
+  initialize_distributed(config)  # before model_report, which already uses the devices
+  print(describe_model(model_report(config)), flush=True)
+  if config.report_only:
+    return {}
+  metrics = train_and_evaluate(config, workdir)
+  print("final evaluation:", {k: v for k, v in metrics.items() if not isinstance(v, list)}, flush=True)
+  return metrics
 
 
 def _check_finite(losses_since, first_step: int):

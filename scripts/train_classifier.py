@@ -20,13 +20,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; progress lines are printed
-  config = _CONFIG.value
-  train.initialize_distributed(config)  # before model_report, which already uses the devices
-  print(train.describe_model(train.model_report(config)), flush=True)
-  if config.report_only:
-    return
-  metrics = train.train_and_evaluate(config, _WORKDIR.value)
-  print("final evaluation:", {k: v for k, v in metrics.items() if not isinstance(v, list)}, flush=True)
+  train.run_training_command(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
