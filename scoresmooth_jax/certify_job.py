@@ -167,15 +167,6 @@ def load_score(spec: str):
   return export.load_score_fn(spec)
 
 
-def _check_sigma_in_range(what: str, sigmas, score_fn, spec: str) -> None:
-  low, high = float(score_fn.sigma_min), float(score_fn.sigma_max)
-  for s in np.atleast_1d(np.asarray(sigmas, np.float64)):
-    # A little slack for float32 schedules that end exactly on the trained boundary.
-    if not low * (1 - 1e-5) <= s <= high * (1 + 1e-5):
-      raise ValueError(f"{what} sigma={s:.4g} is outside the score model's trained range [{low:.4g}, "
-                       f"{high:.4g}] ({spec}); train a score model that covers it, or choose noise.sigma / "
-                       "denoiser.sigma_min inside that range.")
-
 
 def make_base_classifier(classifier: Callable, denoiser: DenoiserSpec, nz: noise_lib.Noise,
                          score_fn=None) -> Callable:
@@ -239,9 +230,10 @@ def build_job(config) -> Job:
       raise ValueError(f"dataset images have shape {image_shape} but the score model {spec.denoiser.score} "
                        f"was trained on {tuple(score_fn.image_shape)}; use a score model for this dataset.")
     if spec.denoiser.kind == "one_step":
-      _check_sigma_in_range("noise", nz.sigma, score_fn, spec.denoiser.score)
+      denoise.check_trained_range(score_fn, nz.sigma, "noise sigma", spec.denoiser.score)
     else:
-      _check_sigma_in_range("annealing schedule", schedule(spec.denoiser, nz), score_fn, spec.denoiser.score)
+      denoise.check_trained_range(score_fn, schedule(spec.denoiser, nz), "annealing-schedule sigma",
+                                  spec.denoiser.score)
   indices = [i for i in range(len(source))
              if i % spec.dataset.skip == 0 and (spec.dataset.max < 0 or i < spec.dataset.max)]
   return Job(spec, source, make_base_classifier(clf, spec.denoiser, nz, score_fn), nz, indices,

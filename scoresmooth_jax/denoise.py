@@ -71,6 +71,21 @@ def one_step(score_fn: ScoreFn, y: jax.Array, sigma) -> jax.Array:
   return y + _per_example(sigma, y) ** 2 * score_fn(y, sigma)
 
 
+def check_trained_range(score_fn, sigmas, what: str = "sigma", source: str = "") -> None:
+  """Fails on the host when a sigma lies outside ``[score_fn.sigma_min, score_fn.sigma_max]``.
+
+  Any score function that carries its trained range (our exports, score_sde checkpoints) can be checked; outside
+  that range its score is an extrapolation, so denoising there would silently degrade.
+  """
+  low, high = float(score_fn.sigma_min), float(score_fn.sigma_max)
+  for sigma in np.atleast_1d(np.asarray(sigmas, np.float64)):
+    # A relative slack of 1e-5 lets float32 round-trips of the end points pass.
+    if not low * (1 - 1e-5) <= sigma <= high * (1 + 1e-5):
+      where = f" ({source})" if source else ""
+      raise ValueError(f"{what}={sigma:.4g} is outside the score model's trained range [{low:.4g}, {high:.4g}]"
+                       f"{where}; choose sigmas inside it or train a score model with a wider sigma_min/sigma_max.")
+
+
 def geometric_sigmas(sigma_max: float, sigma_min: float, num_levels: int) -> jax.Array:
   """A decreasing geometric schedule sigma_max = sigma_1 > ... > sigma_L = sigma_min (float32 [L]).
 

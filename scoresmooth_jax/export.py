@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoresmooth_jax import checkpoint, models
+from scoresmooth_jax import checkpoint, denoise, models
 
 KIND = "score"
 EMA_PARAMS = "params"
@@ -54,12 +54,7 @@ class ScoreFunction:
 
   def check_sigmas(self, sigmas) -> None:
     """Fails (on the host) when a noise level lies outside the trained range [sigma_min, sigma_max]."""
-    for sigma in np.atleast_1d(np.asarray(sigmas, np.float64)):
-      # A relative slack of 1e-6 lets float32 round-trips of the end points pass.
-      if not self.sigma_min * (1 - 1e-6) <= sigma <= self.sigma_max * (1 + 1e-6):
-        raise ValueError(f"sigma={sigma:g} is outside the score model's trained range [{self.sigma_min:g}, "
-                         f"{self.sigma_max:g}]; pick sigmas inside it or retrain with a wider "
-                         "sigma_min/sigma_max.")
+    denoise.check_trained_range(self, sigmas)
 
 
 def export_score_model(path, model_name: str, model_kwargs: dict, ema_params: Any, params: Any,
