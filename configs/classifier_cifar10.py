@@ -12,65 +12,24 @@ augmentation at that sigma, the white-box smoothing baseline), "tiny". Normalisa
 AdamW with a cosine schedule instead of their SGD step schedule; random flips only (no random crops).
 """
 
-import ml_collections
+from scoresmooth_jax.train import base_config
 
 
 def get_config(variant: str = ""):
   tiny = variant == "tiny"
-  noise_sigma = 0.0
+  config = base_config("classifier", "cifar10", (32, 32, 3), random_flip=True)
   if variant.startswith("gaussian_"):
-    noise_sigma = float(variant[len("gaussian_"):])
+    config.noise_sigma = float(variant[len("gaussian_"):])
   elif variant not in ("", "tiny"):
     raise ValueError(f"unknown variant {variant!r}: use '', 'tiny' or 'gaussian_<sigma>' (e.g. gaussian_0.25).")
-  config = ml_collections.ConfigDict()
-  config.task = "classifier"
-  config.seed = 0
-  config.distributed = False
-  config.report_only = False
-  config.noise_sigma = noise_sigma
-
-  config.data = ml_collections.ConfigDict()
-  config.data.name = "cifar10"
-  config.data.train_split = "train"
-  config.data.eval_split = "test"
-  config.data.data_dir = ml_collections.config_dict.placeholder(str)
-  config.data.image_size = ml_collections.config_dict.placeholder(int)
-  config.data.image_shape = (32, 32, 3)
-  config.data.random_flip = True
-
-  config.normalization = ml_collections.ConfigDict()
-  config.normalization.mean = (0.4914, 0.4822, 0.4465)
-  config.normalization.std = (0.2023, 0.1994, 0.2010)
-
-  config.model = ml_collections.ConfigDict()
+  config.normalization.update(dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010)))
   config.model.name = "cifar_resnet"
-  config.model.kwargs = ml_collections.ConfigDict()
-  config.model.kwargs.depth = 8 if tiny else 110
-  config.model.kwargs.num_classes = 10
-  config.model.kwargs.shortcut = "B"
-  config.model.kwargs.width = 4 if tiny else 16
-
-  config.optim = ml_collections.ConfigDict()
-  config.optim.learning_rate = 1e-3
-  config.optim.warmup_steps = 2 if tiny else 1000
-  config.optim.schedule = "cosine"
-  config.optim.grad_clip = 1.0
-  config.optim.weight_decay = 0.05
-  config.optim.ema_decay = 0.0  # BatchNorm statistics track the raw parameters; evaluate those
-
-  config.train = ml_collections.ConfigDict()
-  config.train.batch_size = 16 if tiny else 256
-  config.train.num_steps = 4 if tiny else 17_600
-  config.train.steps_per_dispatch = 1 if tiny else 10
-  config.train.log_every = 2 if tiny else 200
-  config.train.eval_every = 4 if tiny else 2000
-  config.train.checkpoint_every = 2 if tiny else 2000
-  config.train.keep_checkpoints = 2
-
-  config.eval = ml_collections.ConfigDict()
-  config.eval.batch_size = 16 if tiny else 512
-  config.eval.num_examples = 16 if tiny else 10_000
-  config.eval.noise_sigmas = (0.25, 0.5)
-
+  config.model.kwargs.update(dict(depth=8 if tiny else 110, num_classes=10, shortcut="B", width=4 if tiny else 16))
+  config.optim.update(dict(learning_rate=1e-3, warmup_steps=2 if tiny else 1000, schedule="cosine",
+                           weight_decay=0.05))
+  config.train.update(dict(batch_size=16 if tiny else 256, num_steps=4 if tiny else 17_600,
+                           steps_per_dispatch=1 if tiny else 10, log_every=2 if tiny else 200,
+                           eval_every=4 if tiny else 2000, checkpoint_every=2 if tiny else 2000))
+  config.eval.update(dict(batch_size=16 if tiny else 512, num_examples=16 if tiny else 10_000))
   config.lock()
   return config

@@ -11,65 +11,24 @@ Variants: "" (plain training: the classifier denoised smoothing protects without
 The normalisation constants are the digits training split's pixel mean and standard deviation.
 """
 
-import ml_collections
+from scoresmooth_jax.train import base_config
 
 
 def get_config(variant: str = ""):
   tiny = variant == "tiny"
-  noise_sigma = 0.0
+  config = base_config("classifier", "digits", (8, 8, 1), random_flip=False)  # a mirrored digit is not a digit
   if variant.startswith("gaussian_"):
-    noise_sigma = float(variant[len("gaussian_"):])
+    config.noise_sigma = float(variant[len("gaussian_"):])
   elif variant not in ("", "tiny"):
     raise ValueError(f"unknown variant {variant!r}: use '', 'tiny' or 'gaussian_<sigma>' (e.g. gaussian_0.25).")
-  config = ml_collections.ConfigDict()
-  config.task = "classifier"
-  config.seed = 0
-  config.distributed = False
-  config.report_only = False
-  config.noise_sigma = noise_sigma  # Gaussian augmentation in [0, 1] pixel space; 0 = plain training
-
-  config.data = ml_collections.ConfigDict()
-  config.data.name = "digits"
-  config.data.train_split = "train"
-  config.data.eval_split = "test"
-  config.data.data_dir = ml_collections.config_dict.placeholder(str)
-  config.data.image_size = ml_collections.config_dict.placeholder(int)
-  config.data.image_shape = (8, 8, 1)
-  config.data.random_flip = False  # a mirrored digit is not a digit
-
-  config.normalization = ml_collections.ConfigDict()
-  config.normalization.mean = (0.3057,)
-  config.normalization.std = (0.3764,)
-
-  config.model = ml_collections.ConfigDict()
+  config.normalization.update(dict(mean=(0.3057,), std=(0.3764,)))
   config.model.name = "cifar_resnet"
-  config.model.kwargs = ml_collections.ConfigDict()
-  config.model.kwargs.depth = 8
-  config.model.kwargs.num_classes = 10
-  config.model.kwargs.shortcut = "B"
-  config.model.kwargs.width = 8 if tiny else 16
-
-  config.optim = ml_collections.ConfigDict()
-  config.optim.learning_rate = 3e-3
-  config.optim.warmup_steps = 10 if tiny else 50
-  config.optim.schedule = "cosine"
-  config.optim.grad_clip = 1.0
-  config.optim.weight_decay = 1e-4
-  config.optim.ema_decay = 0.0  # BatchNorm statistics track the raw parameters; evaluate those
-
-  config.train = ml_collections.ConfigDict()
-  config.train.batch_size = 64 if tiny else 128
-  config.train.num_steps = 150 if tiny else 600
-  config.train.steps_per_dispatch = 1  # XLA:CPU runs convs in loop bodies slowly (train_state.py)
-  config.train.log_every = 50 if tiny else 100
-  config.train.eval_every = 150 if tiny else 600
-  config.train.checkpoint_every = 150 if tiny else 600
-  config.train.keep_checkpoints = 1
-
-  config.eval = ml_collections.ConfigDict()
-  config.eval.batch_size = 200
-  config.eval.num_examples = 400  # the whole digits test split
-  config.eval.noise_sigmas = (0.25, 0.5)
-
+  config.model.kwargs.update(dict(depth=8, num_classes=10, shortcut="B", width=8 if tiny else 16))
+  config.optim.update(dict(learning_rate=3e-3, warmup_steps=10 if tiny else 50, schedule="cosine",
+                           weight_decay=1e-4))
+  config.train.update(dict(batch_size=64 if tiny else 128, num_steps=150 if tiny else 600,
+                           log_every=50 if tiny else 100, eval_every=150 if tiny else 600,
+                           checkpoint_every=150 if tiny else 600, keep_checkpoints=1))
+  config.eval.update(dict(batch_size=200, num_examples=400))  # the whole digits test split
   config.lock()
   return config

@@ -14,67 +14,25 @@ sigma range differs on purpose: smoothing denoises at sigma <= 1, so training co
 than score_sde's [0.01, 50], which spends the capacity where certification needs it.
 """
 
-import ml_collections
+from scoresmooth_jax.train import base_config
 
 
 def get_config(variant: str = ""):
   if variant not in ("", "tiny"):
     raise ValueError(f"unknown variant {variant!r}: use '' or 'tiny'.")
   tiny = variant == "tiny"
-  config = ml_collections.ConfigDict()
-  config.task = "score"
-  config.seed = 0
-  config.distributed = False  # True on multi-host TPU/GPU: calls jax.distributed.initialize()
-  config.report_only = False
-
-  config.data = ml_collections.ConfigDict()
-  config.data.name = "cifar10"
-  config.data.train_split = "train"
-  config.data.eval_split = "test"
-  config.data.data_dir = ml_collections.config_dict.placeholder(str)
-  config.data.image_size = ml_collections.config_dict.placeholder(int)
-  config.data.image_shape = (32, 32, 3)
-  config.data.random_flip = True
-
-  config.model = ml_collections.ConfigDict()
+  config = base_config("score", "cifar10", (32, 32, 3), random_flip=True)
   config.model.name = "ncsnpp"
-  config.model.kwargs = ml_collections.ConfigDict()
-  config.model.kwargs.nf = 8 if tiny else 128
-  config.model.kwargs.ch_mult = (1,) if tiny else (1, 2, 2, 2)
-  config.model.kwargs.num_res_blocks = 1 if tiny else 4
-  config.model.kwargs.attn_resolutions = () if tiny else (16,)
-  config.model.kwargs.dropout = 0.1
-  config.model.kwargs.embedding_type = "fourier"
-  config.model.kwargs.scale_by_sigma = True
-  config.model.kwargs.centered = False
-
-  config.sigma = ml_collections.ConfigDict()
-  config.sigma.sigma_min = 0.01
+  config.model.kwargs.update(dict(nf=8 if tiny else 128, ch_mult=(1,) if tiny else (1, 2, 2, 2),
+                                  num_res_blocks=1 if tiny else 4, attn_resolutions=() if tiny else (16,),
+                                  dropout=0.1, embedding_type="fourier", scale_by_sigma=True, centered=False))
   config.sigma.sigma_max = 1.5  # a margin above the largest certified sigma, 1.0
-  config.sigma.num_scales = 0  # continuous: log-uniform sigma
-
-  config.optim = ml_collections.ConfigDict()
-  config.optim.learning_rate = 2e-4
-  config.optim.warmup_steps = 2 if tiny else 5000
-  config.optim.schedule = "constant"
-  config.optim.grad_clip = 1.0
-  config.optim.weight_decay = 0.0
-  config.optim.ema_decay = 0.9 if tiny else 0.9999
-
-  config.train = ml_collections.ConfigDict()
-  config.train.batch_size = 16 if tiny else 128
-  config.train.num_steps = 4 if tiny else 1_300_000
-  config.train.steps_per_dispatch = 1 if tiny else 10
-  config.train.log_every = 2 if tiny else 1000
-  config.train.eval_every = 4 if tiny else 50_000
-  config.train.checkpoint_every = 2 if tiny else 10_000
-  config.train.keep_checkpoints = 2 if tiny else 3
-
-  config.eval = ml_collections.ConfigDict()
-  config.eval.batch_size = 16 if tiny else 256
-  config.eval.num_examples = 16 if tiny else 1024
-  config.eval.sigmas = (0.12, 0.25, 0.5, 1.0)
-  config.eval.loss_buckets = 1 if tiny else 4
-
+  config.optim.update(dict(learning_rate=2e-4, warmup_steps=2 if tiny else 5000, ema_decay=0.9 if tiny else 0.9999))
+  config.train.update(dict(batch_size=16 if tiny else 128, num_steps=4 if tiny else 1_300_000,
+                           steps_per_dispatch=1 if tiny else 10, log_every=2 if tiny else 1000,
+                           eval_every=4 if tiny else 50_000, checkpoint_every=2 if tiny else 10_000,
+                           keep_checkpoints=2 if tiny else 3))
+  config.eval.update(dict(batch_size=16 if tiny else 256, num_examples=16 if tiny else 1024,
+                          loss_buckets=1 if tiny else 4))
   config.lock()
   return config

@@ -214,6 +214,47 @@ def describe_model(report: dict) -> str:
           "image (forward pass, XLA cost analysis)")
 
 
+def base_config(task: str, dataset: str, image_shape, *, random_flip: bool):
+  """The skeleton every ``configs/{score,classifier}_*.py`` fills in: every key ``train_and_evaluate`` reads.
+
+  Values most experiments share are set here; the ones each experiment must choose (model, learning rate,
+  batch sizes, step counts, intervals, normalisation) are placeholders (None) that the config file sets.
+  """
+  import ml_collections
+  from ml_collections.config_dict import placeholder
+
+  if task not in TASKS:
+    raise ValueError(f"task={task!r}: choose one of {TASKS}.")
+  config = ml_collections.ConfigDict()
+  config.task = task
+  config.seed = 0
+  config.distributed = False       # True on multi-host TPU/GPU: joins the cluster (JAX detects it)
+  config.report_only = False       # print parameters and FLOPs, then stop
+  config.data = ml_collections.ConfigDict(dict(
+      name=dataset, train_split="train", eval_split="test", data_dir=placeholder(str),
+      image_size=placeholder(int), image_shape=tuple(image_shape), random_flip=random_flip))
+  config.model = ml_collections.ConfigDict(dict(name=placeholder(str), kwargs=ml_collections.ConfigDict()))
+  config.optim = ml_collections.ConfigDict(dict(
+      learning_rate=placeholder(float), warmup_steps=placeholder(int), schedule="constant", grad_clip=1.0,
+      weight_decay=0.0, ema_decay=placeholder(float)))
+  config.train = ml_collections.ConfigDict(dict(
+      batch_size=placeholder(int), num_steps=placeholder(int),
+      steps_per_dispatch=1,  # XLA:CPU runs convs in loop bodies slowly (train_state.py); raise it on TPU/GPU
+      log_every=placeholder(int), eval_every=placeholder(int), checkpoint_every=placeholder(int),
+      keep_checkpoints=2))
+  eval_common = dict(batch_size=placeholder(int), num_examples=placeholder(int))
+  if task == "score":
+    config.sigma = ml_collections.ConfigDict(dict(sigma_min=0.01, sigma_max=1.0,
+                                                  num_scales=0))  # 0: continuous, log-uniform sigma
+    config.eval = ml_collections.ConfigDict(dict(**eval_common, sigmas=(0.12, 0.25, 0.5, 1.0), loss_buckets=4))
+  else:
+    config.noise_sigma = 0.0         # Gaussian augmentation in [0, 1] pixel space; 0 = plain training
+    config.normalization = ml_collections.ConfigDict(dict(mean=placeholder(tuple), std=placeholder(tuple)))
+    config.optim.ema_decay = 0.0     # BatchNorm statistics track the raw parameters; evaluate those
+    config.eval = ml_collections.ConfigDict(dict(**eval_common, noise_sigmas=(0.25, 0.5)))
+  return config
+
+
 def initialize_distributed(config) -> None:
   """Joins the cluster when ``config.distributed``, once, before any other JAX call (JAX detects the cluster)."""
   if config.distributed and not jax.distributed.is_initialized():
