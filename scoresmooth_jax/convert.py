@@ -222,7 +222,7 @@ def _block_counts(names, num_stages: int) -> tuple[int, ...]:
   return tuple(counts)
 
 
-def _torch_name(path: tuple[str, ...], head: str, shortcut_name: str) -> str:
+def torch_name(path: tuple[str, ...], head: str = "fc", shortcut_name: str = "downsample") -> str:
   """Flax variable path (collection, modules..., leaf) -> the PyTorch state-dict key it comes from."""
   collection, *modules, leaf = path
   parts = []
@@ -377,7 +377,7 @@ def convert_torch_checkpoint(path, *, format: str = "auto", num_classes: int | N
   wanted = {}
   for key_path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
     flax_path = tuple(k.key for k in key_path)
-    wanted[_torch_name(flax_path, head, shortcut_name)] = (flax_path, tuple(leaf.shape))
+    wanted[torch_name(flax_path, head, shortcut_name)] = (flax_path, tuple(leaf.shape))
 
   given = {n for n in names if not n.endswith(_IGNORED_SUFFIXES)}
   missing = sorted(set(wanted) - given)

@@ -23,6 +23,8 @@ import math
 
 import numpy as np
 
+from scoresmooth_jax import convert
+
 TORCH_INSTALL_HINT = ("the PyTorch baseline needs PyTorch: install it with `pip install torch==2.13.0` (the CPU "
                       "build is enough).")
 
@@ -115,24 +117,9 @@ def build_cifar_resnet(depth: int, num_classes: int, mean, std, width: int = 16,
 
 
 def _torch_key(path: tuple[str, ...]) -> str:
-  """Flax variable path (collection, modules..., leaf) -> this module's state-dict key."""
-  collection, *modules, leaf = path
-  parts = ["model"]
-  for module in modules:
-    if module.startswith("layer") and "_" in module:  # layer2_0 -> layer2.0
-      stage, block = module.split("_")
-      parts += [stage, block]
-    elif module == "downsample_conv":
-      parts += ["downsample", "0"]
-    elif module == "downsample_bn":
-      parts += ["downsample", "1"]
-    else:
-      parts.append(module)
-  if collection == "batch_stats":
-    parts.append({"mean": "running_mean", "var": "running_var"}[leaf])
-  else:
-    parts.append({"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf])
-  return ".".join(parts)
+  """Flax variable path (collection, modules..., leaf) -> this module's state-dict key (the model sits under
+  ``model.`` behind the normalisation layer; the rest is the converter's mapping, read backwards)."""
+  return "model." + convert.torch_name(path)
 
 
 def load_flax_variables(model, variables) -> None:
