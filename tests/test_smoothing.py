@@ -159,6 +159,18 @@ def test_low_precision_images_get_float32_noise():
   assert seen == [jnp.float32]
 
 
+@pytest.mark.parametrize("classifier,num_classes,match", [
+    (constant_classifier, 4, r"\(4, num_classes=4\)"),  # wrong num_classes
+    (lambda z: constant_classifier(z)[0], 3, r"\[\(\(3,\), 'float32'\)\]"),  # one image's logits
+    (lambda z: (constant_classifier(z), z), 3, "one floating array"),  # a tuple
+    (lambda z: jnp.argmax(constant_classifier(z), axis=-1, keepdims=True), 1, "int32"),  # labels, not logits
+])
+def test_classifier_output_is_checked_before_counting(classifier, num_classes, match):
+  with pytest.raises(ValueError, match=match):
+    smoothing.sample_counts(classifier, X, noise.Gaussian(0.5), 10, jax.random.key(0), num_classes=num_classes,
+                            batch_size=4)
+
+
 def test_integer_images_are_rejected():
   with pytest.raises(ValueError, match="dtype int32"):
     smoothing.sample_counts(constant_classifier, jnp.zeros((D,), jnp.int32), noise.Gaussian(0.5), 10,
