@@ -15,6 +15,7 @@ import pytest
 from scipy import stats
 
 from scoresmooth_jax import batching, bench, classifier, noise, smoothing, torch_baseline
+from scoresmooth_jax.bench import stages
 from scoresmooth_jax.models import resnet
 
 MIB = 2**20
@@ -135,6 +136,29 @@ def test_torch_baseline_counts_agree_with_sample_counts(torch_and_jax_pair):
   np.testing.assert_array_equal(again, theirs)
 
 
+def test_resnet_parts_compose_to_the_network_and_match_pytorch_part_by_part(torch_and_jax_pair):
+  clf, model = torch_and_jax_pair
+  folded = clf.folded()
+  images = jnp.asarray(np.random.default_rng(7).uniform(size=(16, 8, 8, 3)).astype(np.float32))
+  jax_fns = stages.jax_parts(folded)
+  assert stages.check_composition(jax_fns, folded, images, atol=1e-4) < 1e-4
+  torch = torch_baseline.import_torch()
+  torch_fns = stages.torch_parts(model)
+  ours = stages.part_inputs(jax_fns, images)
+  theirs = stages.part_inputs(torch_fns, torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy()))
+  for part in stages.PARTS[1:]:  # each part's input is the previous part's output: same layers on both sides
+    want = np.asarray(ours[part])
+    got = theirs[part].numpy()
+    got = got.transpose(0, 2, 3, 1) if got.ndim == 4 else got
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), err_msg=part)
+  other = bench.calibrate_classifier(_classifier(resnet.CifarResNet(depth=8, shortcut="B", width=4), (8, 8, 3),
+                                                 seed=9), np.asarray(images)).folded()
+  with pytest.raises(AssertionError, match="compose to logits"):
+    stages.check_composition(jax_fns, other, images, atol=1e-4)
+  with pytest.raises(ValueError, match="BatchNorm-folded CifarResNet"):
+    stages.jax_parts(clf)
+
+
 def test_benchmark_runs_end_to_end_in_tiny_mode(tmp_path):
   config = bench.tiny_config()
   results = bench.run_benchmark(config, log=lambda line: None)
@@ -157,6 +181,13 @@ def test_benchmark_runs_end_to_end_in_tiny_mode(tmp_path):
     row = rows[row_id]
     assert row["samples_per_s"] > 0 and row["flops_per_sample"] > 0, row
     assert row["achieved_flops_per_s"] == pytest.approx(row["samples_per_s"] * row["flops_per_sample"])
+  timed_parts = [f"parts.jax.{p}" for p in stages.PARTS]
+  if "torch.f32" in timed:
+    timed_parts += [f"parts.torch.{p}" for p in stages.PARTS]
+    assert all(rows[f"parts.jax.{p}"]["ratio"] > 0 for p in stages.PARTS)
+  for row_id in timed_parts:
+    assert rows[row_id]["samples_per_s"] > 0 and rows[row_id]["flops_per_sample"] > 0, row_id
+  assert loaded["parts"]["composition_max_abs_error"] < 1e-3
   for row_id in ("b.f32_folded", "c.counts", "d.counts"):
     assert rows[row_id]["ratio"] > 0
   for row_id in ("mem.small", "mem.large"):

@@ -7,6 +7,8 @@
          with the ratio b / a (target >= 0.95);
   torch  the PyTorch eager loop of ``torch_baseline`` on the same weights, when torch imports, and JAX / PyTorch
          (targets: float32 >= 1.0, bfloat16 >= 1.2);
+  parts  where the time goes: the float32 folded ResNet cut into stem, layer1, layer2, layer3 and head
+         (``stages``), each timed on its own in JAX and in PyTorch on the same weights and activations;
   c      one-step (Tweedie) denoiser (a ScoreUNet) + classifier, raw and inside sample_counts (>= 0.95), and the
          full score_sde NCSN++ preset ``cifar10_ncsnpp_continuous`` + ResNet-110 (random weights, small n);
   d      the annealed denoiser (L levels x T steps) + classifier inside sample_counts, against the cost of
@@ -33,7 +35,8 @@ How it measures, and why:
 
 # The modules: ``config`` (what to run), ``measure`` (timing and XLA cost), ``memory`` (peak memory, in a
 # subprocess), ``workbench`` (models with random weights and the timed cases), ``environment`` (backend and CPU),
-# ``sections`` (the rows and ``run_benchmark``), ``report`` (Markdown and JSON).
+# ``stages`` (the ResNet cut into parts), ``sections`` (the rows and ``run_benchmark``), ``report`` (Markdown and
+# JSON).
 
 from scoresmooth_jax.bench.config import MIB, RECOMMENDED_CPU_XLA_FLAGS, TARGETS, BenchmarkConfig, tiny_config
 from scoresmooth_jax.bench.environment import cpu_features, environment, xla_cpu_threads

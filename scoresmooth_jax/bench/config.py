@@ -47,6 +47,7 @@ class BenchmarkConfig:
     levels, steps_per_level, annealed_batch_size: row d's L, T and per-device batch size.
     train_batch_size: row e's per-device batch size.
     torch: time the PyTorch loop (when torch imports); torch_batches: its batches per timed call.
+    parts: time the float32 folded ResNet's parts (stem, layer1-3, head) on their own, in JAX and PyTorch.
     ncsnpp: run the NCSN++ row; ncsnpp_batch_size, ncsnpp_num: its batch size and draws.
     imagenet: also run the ImageNet ResNet-50 rows, at imagenet_batch_size.
     memory: measure peak memory in subprocesses; memory_rows: which rows (None: all that have a probe);
@@ -78,6 +79,7 @@ class BenchmarkConfig:
   annealed_batch_size: int = 16
   train_batch_size: int = 64
   torch: bool = True
+  parts: bool = True
   torch_batches: int = 2
   ncsnpp: bool = True
   ncsnpp_batch_size: int = 4

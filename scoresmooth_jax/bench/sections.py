@@ -18,7 +18,8 @@ import numpy as np
 from scoresmooth_jax import batching, noise, smoothing, torch_baseline
 from scoresmooth_jax.bench.config import MIB, TARGETS, BenchmarkConfig
 from scoresmooth_jax.bench.environment import environment, xla_cpu_threads
-from scoresmooth_jax.bench.measure import UNCONTENDED_CORES, Timing, _median, _spread, interleaved
+from scoresmooth_jax.bench import stages
+from scoresmooth_jax.bench.measure import UNCONTENDED_CORES, Timing, _flops, _median, _spread, interleaved
 from scoresmooth_jax.bench.memory import probe_memory_in_subprocess
 from scoresmooth_jax.bench.workbench import Case, Workbench
 
@@ -194,6 +195,49 @@ def _torch_section(res: _Results) -> None:
     res.targets[name] = _target(name, jax_rows[v]["ratio"], note)
 
 
+def _parts_section(res: _Results) -> None:
+  """Where the time goes: stem, layer1-3 and head of the float32 folded ResNet, JAX and PyTorch, interleaved."""
+  bench, cfg = res.bench, res.bench.config
+  if not cfg.parts:
+    return
+  res.log("parts: the ResNet's stages on their own, JAX and PyTorch")
+  clf = bench.classifier("f32_folded")
+  batch = cfg.batch_size * bench.devices
+  images = bench.noisy_batch(cfg.batch_size)
+  jax_fns = stages.jax_parts(clf)
+  error = stages.check_composition(jax_fns, clf, images, atol=1e-3)
+  jax_inputs = stages.part_inputs(jax_fns, images)
+  fns, cases = {}, {}
+  for part in stages.PARTS:
+    compiled = jax_fns[part].lower(jax_inputs[part]).compile()
+    x = jax_inputs[part]
+    fns[f"parts.jax.{part}"] = lambda compiled=compiled, x=x: compiled(x)
+    cases[f"parts.jax.{part}"] = Case(run=None, warmup=None, samples=batch, batch_size=cfg.batch_size,
+                                      flops_per_sample=_flops(compiled) / cfg.batch_size,
+                                      flops_source="XLA cost analysis")
+  have_torch = cfg.torch and res.env["torch"] is not None
+  if have_torch:
+    torch = torch_baseline.import_torch()
+    torch_baseline.configure_threads(xla_cpu_threads())
+    torch_fns = stages.torch_parts(bench.torch_model())
+    nchw = torch.from_numpy(np.asarray(images, np.float32).transpose(0, 3, 1, 2).copy())
+    torch_inputs = stages.part_inputs(torch_fns, nchw)
+    for part in stages.PARTS:
+      fns[f"parts.torch.{part}"] = lambda fn=torch_fns[part], x=torch_inputs[part]: fn(x)
+      cases[f"parts.torch.{part}"] = dataclasses.replace(cases[f"parts.jax.{part}"],
+                                                         flops_source="JAX part's XLA cost (same layers)")
+  timing = interleaved(fns, cfg.repeats)
+  for part in stages.PARTS:
+    jax_id, torch_id = f"parts.jax.{part}", f"parts.torch.{part}"
+    if have_torch:
+      res.rows.append(_row(torch_id, f"PyTorch {part}, float32 NCHW", cases[torch_id], timing))
+    row = _row(jax_id, f"JAX {part}, float32, BN folded", cases[jax_id], timing)
+    if have_torch:
+      row.update(ratio=row["samples_per_s"] / res.row(torch_id)["samples_per_s"], ratio_to=torch_id)
+    res.rows.append(row)
+  res.extra["parts"] = {"composition_max_abs_error": error}
+
+
 def _agreement_section(res: _Results) -> None:
   """bfloat16 against float32 labels on the same noisy batches (and the same-key counts of rows b)."""
   bench, cfg = res.bench, res.bench.config
@@ -362,7 +406,7 @@ def run_benchmark(config: BenchmarkConfig = BenchmarkConfig(), log: Callable[[st
                  log=lambda line: log(f"[{time.perf_counter() - started:6.1f} s] {line}"))
   res.log(f"backend {env['backend']} ({env['device_kind']}) x{env['devices']}, jax {env['jax']}, "
           f"XLA_FLAGS={env['xla_flags']!r}")
-  sections = [_classifier_section, _torch_section, _agreement_section, _one_step_section, _annealed_section,
+  sections = [_classifier_section, _torch_section, _parts_section, _agreement_section, _one_step_section, _annealed_section,
               _train_section]
   if config.imagenet:
     sections.append(_imagenet_section)
@@ -381,5 +425,5 @@ def run_benchmark(config: BenchmarkConfig = BenchmarkConfig(), log: Callable[[st
   return {"environment": env, "config": dataclasses.asdict(config), "rows": res.rows,
           "targets": {k: res.targets.get(k, _target(k, None, "not run")) for k in TARGETS},
           "agreement": res.extra.get("agreement"), "auto_batch_size": res.extra.get("auto_batch_size"),
-          "ncsnpp": res.extra.get("ncsnpp"), "memory_check": res.extra.get("memory_check", {}),
+          "ncsnpp": res.extra.get("ncsnpp"), "parts": res.extra.get("parts"), "memory_check": res.extra.get("memory_check", {}),
           "notes": res.notes, "wall_seconds": time.perf_counter() - started}
