@@ -96,9 +96,9 @@ def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:
 
 def _check_logits(logits, batch_size: int, num_classes: int) -> None:
   """Raises (at trace time) unless the classifier returned one floating array of logits [batch, num_classes]."""
-  shapes = [(tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(logits)]
-  if (len(shapes) != 1 or shapes[0][0] != (batch_size, num_classes)
-      or not jnp.issubdtype(jax.tree.leaves(logits)[0].dtype, jnp.inexact)):
+  leaves = jax.tree.leaves(logits)
+  shapes = [(tuple(a.shape), str(a.dtype)) for a in leaves]
+  if len(leaves) != 1 or shapes[0][0] != (batch_size, num_classes) or not jnp.issubdtype(leaves[0].dtype, jnp.inexact):
     raise ValueError(f"base_classifier maps a batch of {batch_size} images to {shapes}; it must return one "
                      f"floating array of logits of shape ({batch_size}, num_classes={num_classes}). Check "
                      "num_classes, or that the callable returns logits for a batch, not labels or one image's.")

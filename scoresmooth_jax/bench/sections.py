@@ -205,8 +205,8 @@ def _parts_section(res: _Results) -> None:
   batch = cfg.batch_size * bench.devices
   images = bench.noisy_batch(cfg.batch_size)
   jax_fns = stages.jax_parts(clf)
-  error = stages.check_composition(jax_fns, clf, images, atol=1e-3)
-  jax_inputs = stages.part_inputs(jax_fns, images)
+  jax_inputs, logits = stages.run_parts(jax_fns, images)
+  error = stages.check_composition(logits, clf, images, atol=1e-3)
   fns, cases = {}, {}
   for part in stages.PARTS:
     compiled = jax_fns[part].lower(jax_inputs[part]).compile()
@@ -221,7 +221,7 @@ def _parts_section(res: _Results) -> None:
     torch_baseline.configure_threads(xla_cpu_threads())
     torch_fns = stages.torch_parts(bench.torch_model())
     nchw = torch.from_numpy(np.asarray(images, np.float32).transpose(0, 3, 1, 2).copy())
-    torch_inputs = stages.part_inputs(torch_fns, nchw)
+    torch_inputs, _ = stages.run_parts(torch_fns, nchw)
     for part in stages.PARTS:
       fns[f"parts.torch.{part}"] = lambda fn=torch_fns[part], x=torch_inputs[part]: fn(x)
       cases[f"parts.torch.{part}"] = dataclasses.replace(cases[f"parts.jax.{part}"],
@@ -406,7 +406,8 @@ def run_benchmark(config: BenchmarkConfig = BenchmarkConfig(), log: Callable[[st
                  log=lambda line: log(f"[{time.perf_counter() - started:6.1f} s] {line}"))
   res.log(f"backend {env['backend']} ({env['device_kind']}) x{env['devices']}, jax {env['jax']}, "
           f"XLA_FLAGS={env['xla_flags']!r}")
-  sections = [_classifier_section, _torch_section, _parts_section, _agreement_section, _one_step_section, _annealed_section,
+  sections = [_classifier_section, _torch_section, _parts_section, _agreement_section, _one_step_section,
+              _annealed_section,
               _train_section]
   if config.imagenet:
     sections.append(_imagenet_section)
@@ -425,5 +426,6 @@ def run_benchmark(config: BenchmarkConfig = BenchmarkConfig(), log: Callable[[st
   return {"environment": env, "config": dataclasses.asdict(config), "rows": res.rows,
           "targets": {k: res.targets.get(k, _target(k, None, "not run")) for k in TARGETS},
           "agreement": res.extra.get("agreement"), "auto_batch_size": res.extra.get("auto_batch_size"),
-          "ncsnpp": res.extra.get("ncsnpp"), "parts": res.extra.get("parts"), "memory_check": res.extra.get("memory_check", {}),
+          "ncsnpp": res.extra.get("ncsnpp"), "parts": res.extra.get("parts"),
+          "memory_check": res.extra.get("memory_check", {}),
           "notes": res.notes, "wall_seconds": time.perf_counter() - started}

@@ -2,9 +2,10 @@
 in JAX and in the PyTorch baseline on the same weights and the same activations.
 
 ``jax_parts(clf)`` splits a BatchNorm-folded ``CifarResNet`` classifier into jitted functions whose composition is
-the classifier (``check_composition`` verifies it), and ``torch_parts(model)`` does the same for the
-``torch_baseline`` model. The parts differ in channel count (width, 2 width, 4 width), which is what decides
-which kernel library XLA:CPU gives a convolution, so a per-part ratio says where a whole-network gap comes from.
+the classifier, ``torch_parts(model)`` does the same for the ``torch_baseline`` model, ``run_parts`` runs parts in
+order and ``check_composition`` verifies that they compose to the classifier. The parts differ in channel count
+(width, 2 width, 4 width), which is what decides which kernel library XLA:CPU gives a convolution, so a per-part
+ratio says where a whole-network gap comes from.
 """
 
 from __future__ import annotations
@@ -70,21 +71,18 @@ def torch_parts(model) -> dict[str, Callable]:
   return {name: no_grad(fns[name]) for name in PARTS}
 
 
-def part_inputs(parts: dict[str, Callable], images) -> dict[str, object]:
-  """The input each part sees when the parts run in order on ``images``."""
+def run_parts(parts: dict[str, Callable], images) -> tuple[dict[str, object], object]:
+  """Runs the parts in order on ``images``: (the input each part sees, the last part's output)."""
   inputs, x = {}, images
   for name in PARTS:
     inputs[name] = x
     x = parts[name](x)
-  return inputs
+  return inputs, x
 
 
-def check_composition(parts: dict[str, Callable], clf: classifier_lib.Classifier, images, atol: float) -> float:
-  """Max |logits of the composed parts - clf(images)|; raises if over ``atol`` (the parts must be the network)."""
-  x = images
-  for name in PARTS:
-    x = parts[name](x)
-  error = float(np.max(np.abs(np.asarray(x, np.float32) - np.asarray(clf(images), np.float32))))
+def check_composition(logits, clf: classifier_lib.Classifier, images, atol: float) -> float:
+  """Max |``logits`` of the composed parts - clf(images)|; raises if over ``atol`` (the parts must be the network)."""
+  error = float(np.max(np.abs(np.asarray(logits, np.float32) - np.asarray(clf(images), np.float32))))
   if not error <= atol:
     raise AssertionError(f"the ResNet's parts compose to logits {error:.2e} away from the classifier's (tolerance "
                          f"{atol:.0e}): the stage breakdown would not time the benchmarked network.")
