@@ -26,19 +26,20 @@ _FIXTURES = flags.DEFINE_string("fixtures_dir", None, "Directory with the traine
                                 "test images, for bfloat16 agreement on a trained network.")
 _XLA_FLAGS = flags.DEFINE_string(
     "xla_flags", "recommended",
-    "XLA flags appended to $XLA_FLAGS before JAX starts: 'recommended' "
-    "(bench.RECOMMENDED_CPU_XLA_FLAGS), 'none', or literal flags.")
+    "XLA flags appended to $XLA_FLAGS before JAX starts: 'recommended' (xla_cpu.RECOMMENDED_CPU_XLA_FLAGS, "
+    "unless $XLA_FLAGS already chooses the YNNPACK fusion types), 'none', or literal flags.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   # Imported here so that XLA_FLAGS is set before anything can start the JAX backend.
-  from scoresmooth_jax import bench  # pylint: disable=import-outside-toplevel
+  from scoresmooth_jax import bench, xla_cpu  # pylint: disable=import-outside-toplevel
 
-  extra = {"recommended": bench.RECOMMENDED_CPU_XLA_FLAGS, "none": ""}.get(_XLA_FLAGS.value, _XLA_FLAGS.value)
-  if extra:
-    os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), extra) if f)
+  if _XLA_FLAGS.value == "recommended":
+    xla_cpu.apply_recommended_cpu_flags()
+  elif _XLA_FLAGS.value != "none":
+    os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), _XLA_FLAGS.value) if f)
   overrides = {k: v for k, v in dict(batch_size=_BATCH.value, repeats=_REPEATS.value).items() if v is not None}
   overrides.update(torch=_TORCH.value, memory=_MEMORY.value, imagenet=_IMAGENET.value, fixtures_dir=_FIXTURES.value)
   if _TINY.value:

@@ -7,7 +7,7 @@ Running the same command with the same --workdir resumes where it stopped.
 from absl import app, flags
 from ml_collections import config_flags
 
-from scoresmooth_jax import certify_job
+from scoresmooth_jax import certify_job, xla_cpu
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Certification config (configs/certify_*.py).",
                                           lock_config=True)
@@ -17,6 +17,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  xla_cpu.apply_recommended_cpu_flags()  # before the first computation starts JAX's backend
   certify_job.run_certification(_CONFIG.value, _WORKDIR.value)
 
 

@@ -16,6 +16,7 @@ from absl import flags
 
 from scoresmooth_jax import classifier
 from scoresmooth_jax import convert
+from scoresmooth_jax import xla_cpu
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint file (torch.save) to convert.")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write the classifier export to (overwritten).")
@@ -49,6 +50,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}; use --flags.")
   if not _CHECKPOINT.value or not _OUTPUT.value:
     raise app.UsageError("--checkpoint and --output are required.")
+  xla_cpu.apply_recommended_cpu_flags()  # before the first computation starts JAX's backend
   try:
     converted = convert.convert_torch_checkpoint(
         _CHECKPOINT.value, format=_FORMAT.value, num_classes=_NUM_CLASSES.value,

@@ -9,7 +9,7 @@ import numpy as np
 import jax
 from absl import app, flags
 
-from scoresmooth_jax import certify_job, data, denoise, figures, noise
+from scoresmooth_jax import certify_job, data, denoise, figures, noise, xla_cpu
 
 _SCORE = flags.DEFINE_string("score", None, "Score model: export directory or score_sde:<preset>:<path>.")
 _DATASET = flags.DEFINE_string("dataset", "digits", "digits, npz:/path.npz or a tfds name.")
@@ -28,6 +28,7 @@ flags.mark_flag_as_required("score")
 
 def main(argv):
   del argv
+  xla_cpu.apply_recommended_cpu_flags()  # before the first computation starts JAX's backend
   score_fn = certify_job.load_score(_SCORE.value)
   source = data.get_source(_DATASET.value, _SPLIT.value)
   images = np.stack([source[i][0] for i in range(_NUM_IMAGES.value)])

@@ -6,7 +6,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from scoresmooth_jax import certify_job
+from scoresmooth_jax import certify_job, xla_cpu
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Certification config (configs/certify_*.py).",
                                           lock_config=True)
@@ -16,6 +16,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  xla_cpu.apply_recommended_cpu_flags()  # before the first computation starts JAX's backend
   certify_job.run_prediction(_CONFIG.value, _WORKDIR.value)
 
 

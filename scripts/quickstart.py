@@ -14,7 +14,7 @@ import time
 import jax
 from absl import app, flags, logging
 
-from scoresmooth_jax import certify_job, data, figures, noise, report, train
+from scoresmooth_jax import certify_job, data, figures, noise, report, train, xla_cpu
 from scoresmooth_jax.configs_util import load_config
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/quickstart", "Where models, records and plots go.")
@@ -53,6 +53,7 @@ def _train(config_file, variant, workdir, **overrides) -> str:
 
 def main(argv):
   del argv
+  xla_cpu.apply_recommended_cpu_flags()  # before the first computation starts JAX's backend
   logging.set_verbosity(logging.WARNING)  # checkpointing logs every save at INFO; the progress lines suffice
   root = pathlib.Path(_WORKDIR.value)
   sigmas = [float(s) for s in _SIGMAS.value]

@@ -9,7 +9,7 @@ Running the same command again with the same workdir resumes from the latest che
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from scoresmooth_jax import train
+from scoresmooth_jax import train, xla_cpu
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/score_*.py file (a ':tiny' suffix picks the "
                                           "test variant).", lock_config=True)
@@ -19,6 +19,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  xla_cpu.apply_recommended_cpu_flags()  # before the first computation starts JAX's backend
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; progress lines are printed
   train.run_training_command(_CONFIG.value, _WORKDIR.value)
 

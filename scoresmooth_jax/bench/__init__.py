@@ -38,13 +38,14 @@ How it measures, and why:
 # ``stages`` (the ResNet cut into parts), ``sections`` (the rows and ``run_benchmark``), ``report`` (Markdown and
 # JSON).
 
-from scoresmooth_jax.bench.config import MIB, RECOMMENDED_CPU_XLA_FLAGS, TARGETS, BenchmarkConfig, tiny_config
+from scoresmooth_jax.bench.config import MIB, TARGETS, BenchmarkConfig, tiny_config
 from scoresmooth_jax.bench.environment import cpu_features, environment, xla_cpu_threads
 from scoresmooth_jax.bench.measure import UNCONTENDED_CORES, Timing, interleaved
 from scoresmooth_jax.bench.memory import measure_peak_memory, probe_memory_in_subprocess
 from scoresmooth_jax.bench.report import markdown_table, write_json
 from scoresmooth_jax.bench.sections import VARIANT_LABELS, run_benchmark
 from scoresmooth_jax.bench.workbench import Case, Workbench, calibrate_classifier, random_variables
+from scoresmooth_jax.xla_cpu import RECOMMENDED_CPU_XLA_FLAGS  # the flags every CPU script runs with
 
 __all__ = ["MIB", "RECOMMENDED_CPU_XLA_FLAGS", "TARGETS", "BenchmarkConfig", "tiny_config", "cpu_features",
            "environment", "xla_cpu_threads", "UNCONTENDED_CORES", "Timing", "interleaved", "measure_peak_memory",

@@ -1,6 +1,5 @@
 """What a benchmark run measures: ``BenchmarkConfig`` (the default run) and ``tiny_config`` (the seconds-long test
-run), with the issue's targets (``TARGETS``) and the recommended XLA:CPU flags. See ``scoresmooth_jax.bench`` for
-what each row measures and how.
+run), with the issue's targets (``TARGETS``). See ``scoresmooth_jax.bench`` for what each row measures and how.
 """
 
 from __future__ import annotations
@@ -10,14 +9,6 @@ import dataclasses
 from scoresmooth_jax import denoise
 
 MIB = 2**20
-
-# XLA:CPU in jax 0.10.2 runs convolutions through YNNPACK fusions by default; also letting YNNPACK take the
-# elementwise ops (BatchNorm, ReLU, residual adds) fuses them into the convolution subgraphs. On the 2-core
-# AVX-512 machines that measured +8 % (float32) and +17 % (float32, BatchNorm folded) ResNet-110 throughput at
-# batch 64, the same logits to 1e-7, and less than half the temporary memory; bfloat16 stayed within 3 % (it was
-# already that fast without the flag). Measured by alternating processes with and without it. Tried and not
-# better: oneDNN (xla_cpu_use_onednn), XNNPACK fusions, Eigen convolutions (YNNPACK off), 512-bit vectors.
-RECOMMENDED_CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=+eltwise"
 
 # The issue's targets: (comparison, threshold).
 TARGETS = {
