@@ -163,6 +163,11 @@ class Classifier:
     """Whether the network runs with BatchNorm folded into its convolutions (``folded()``)."""
     return bool(getattr(self.module, "fold_bn", False))
 
+  @property
+  def foldable(self) -> bool:
+    """Whether ``folded()`` applies: the network is one of our ResNets, whose BatchNorms follow convolutions."""
+    return isinstance(self.module, (resnet.CifarResNet, resnet.ResNet))
+
   def folded(self) -> "Classifier":
     """This classifier with BatchNorm folded into the convolutions: the same logits, cheaper to evaluate.
 
@@ -172,7 +177,7 @@ class Classifier:
     """
     if self.batchnorm_folded:
       return self
-    if not any(isinstance(self.module, cls) for cls in (resnet.CifarResNet, resnet.ResNet)):
+    if not self.foldable:
       raise ValueError(f"folding BatchNorm needs a ResNet from scoresmooth_jax.models.resnet (CifarResNet or "
                        f"ResNet); this classifier's module is {type(self.module).__name__}. Use it unfolded.")
     return dataclasses.replace(self, module=self.module.clone(fold_bn=True),

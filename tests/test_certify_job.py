@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 import tensorflow_datasets as tfds
 
-from scoresmooth_jax import certify_job, checkpoint, classifier, export, models, records, report, smoothing
+from scoresmooth_jax import batching, certify_job, checkpoint, classifier, export, models, records, report, smoothing
 from scoresmooth_jax.configs_util import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,6 +150,7 @@ def no_sampling(monkeypatch):
     (dict(certify__n0=0), "n0=0 must be >= 1"),
     (dict(certify__n=0), "n=0 must be >= 1"),
     (dict(certify__alpha=1.5), r"alpha=1.5 must lie in \(0, 1\)"),
+    (dict(certify__batch_size=-1), r"batch_size=-1 must be >= 1 .* or 0 to choose it"),
     (dict(denoiser__kind="one_step", noise__type="uniform"), "one_step.*exact only for Gaussian"),
     (dict(noise__sigma=1.5, denoiser__kind="one_step"), r"sigma=1.5 is outside the score model's trained range"),
     (dict(noise__sigma=0.0), "sigma=0.0"),
@@ -207,3 +208,35 @@ def test_score_sde_specs_go_to_the_pretrained_loader(monkeypatch):
   monkeypatch.setattr(pretrained, "load_score_sde_from_spec", lambda spec: (seen.append(spec) or "fn", 0.01, 50.0))
   assert certify_job.load_score("score_sde:cifar10_ncsnpp_continuous:/ckpt/checkpoint_26") == "fn"
   assert seen == ["score_sde:cifar10_ncsnpp_continuous:/ckpt/checkpoint_26"]
+
+
+def test_batchnorm_folding_is_how_not_what(tmp_path, digits_models):
+  """The job folds a ResNet's BatchNorm by default; folding changes no result and a run may resume across it."""
+  config = lambda **kw: tiny_config(*digits_models, denoiser__kind="one_step", **kw)
+  folded = certify_job.run_certification(config(dataset__max=4), tmp_path / "mixed")
+  assert all(r["batchnorm_folded"] for r in folded)
+  # The same workdir resumes unfolded: folding is excluded from the settings, like the batch size.
+  mixed = certify_job.run_certification(config(dataset__max=8, classifier__fold_batchnorm=False), tmp_path / "mixed")
+  assert [(r["idx"], r["batchnorm_folded"]) for r in stable(mixed)] == [(i, i < 4) for i in range(8)]
+  unfolded = certify_job.run_certification(config(dataset__max=8, classifier__fold_batchnorm=False),
+                                           tmp_path / "unfolded")
+  drop = lambda recs: [{k: v for k, v in r.items() if k != "batchnorm_folded"} for r in recs]
+  assert drop(stable(mixed)) == drop(stable(unfolded))
+
+
+def test_batchnorm_folding_leaves_other_networks_alone(tmp_path, digits_models, monkeypatch):
+  monkeypatch.setattr(classifier.Classifier, "foldable", property(lambda self: False))
+  recs = certify_job.run_certification(tiny_config(*digits_models, dataset__max=1, denoiser__kind="one_step"),
+                                       tmp_path)
+  assert [r["batchnorm_folded"] for r in recs] == [False]
+
+
+def test_batch_size_zero_is_chosen_from_the_memory_estimate(tmp_path, digits_models, capsys):
+  config = lambda **kw: tiny_config(*digits_models, dataset__max=2, denoiser__kind="one_step", **kw)
+  auto = certify_job.run_certification(config(certify__batch_size=0), tmp_path / "auto")
+  chosen = auto[0]["batch_size"]
+  assert f"batch size {chosen} per device (certify.batch_size=0)" in capsys.readouterr().out
+  assert 1 <= chosen <= batching.DEFAULT_MAX_BATCH_SIZE and chosen & (chosen - 1) == 0  # a power of two
+  # The chosen size is an ordinary batch size: the same records as asking for it by hand.
+  explicit = certify_job.run_certification(config(certify__batch_size=chosen), tmp_path / "explicit")
+  assert stable(auto) == stable(explicit)
