@@ -9,7 +9,8 @@ Tiny variant (CPU tests):
 Variants: "" (plain: the model denoised smoothing wraps), "gaussian_<sigma>" (Cohen et al.'s Gaussian noise
 augmentation at that sigma, the white-box smoothing baseline), "tiny". Normalisation is Cohen et al.'s
 (``_CIFAR10_MEAN`` / ``_CIFAR10_STDDEV`` in their datasets.py). About 90 epochs of 50,000 images at batch 256,
-AdamW with a cosine schedule instead of their SGD step schedule; random flips only (no random crops).
+AdamW with a cosine schedule instead of their SGD step schedule; their augmentation: random crops with 4 pixels
+of zero padding and random horizontal flips.
 """
 
 from scoresmooth_jax.train import base_config
@@ -17,7 +18,7 @@ from scoresmooth_jax.train import base_config
 
 def get_config(variant: str = ""):
   tiny = variant == "tiny"
-  config = base_config("classifier", "cifar10", (32, 32, 3), random_flip=True)
+  config = base_config("classifier", "cifar10", (32, 32, 3), random_flip=True, random_crop_padding=4)
   if variant.startswith("gaussian_"):
     config.noise_sigma = float(variant[len("gaussian_"):])
   elif variant not in ("", "tiny"):

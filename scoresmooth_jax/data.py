@@ -23,7 +23,10 @@ Training reads ``TrainBatches``: global batches of ``steps_per_dispatch`` x ``ba
 over the "data" mesh axis, each process reading only its own contiguous slice of the source (the index
 slicing ``tfds.split_for_jax_process`` does), in an order that depends only on (seed, step), so a resumed
 run sees exactly the batches it would have seen. Random horizontal flips are for natural images only
-(never for digits, whose mirror images are not digits). ``eval_batches`` pads the last batch and masks it.
+(never for digits, whose mirror images are not digits). Random crops (``random_crop_padding`` p) zero-pad an
+image by p pixels on every side and cut its original size at a uniformly random offset, as torchvision's
+``RandomCrop(size, padding=p)`` that Cohen et al. train CIFAR-10 classifiers with. ``eval_batches`` pads the
+last batch and masks it.
 """
 
 from __future__ import annotations
@@ -252,6 +255,18 @@ def _global_array(mesh: Mesh, spec: P, local: np.ndarray, global_shape) -> jax.A
   return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, global_shape)
 
 
+def random_crops(images: np.ndarray, padding: int, offsets: np.ndarray) -> np.ndarray:
+  """Zero-pads each image [n, H, W, C] by ``padding`` and cuts H x W at ``offsets`` [n, 2] (row, column).
+
+  Offsets lie in [0, 2 * padding]; (padding, padding) gives the image back unchanged.
+  """
+  n, height, width = images.shape[:3]
+  padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  rows = offsets[:, 0, None, None] + np.arange(height)[None, :, None]
+  cols = offsets[:, 1, None, None] + np.arange(width)[None, None, :]
+  return padded[np.arange(n)[:, None, None], rows, cols]
+
+
 @dataclasses.dataclass
 class TrainBatches:
   """Global training batches, [steps_per_dispatch, batch_size, H, W, C], sharded over "data" on axis 1.
@@ -266,11 +281,16 @@ class TrainBatches:
   mesh: Mesh
   seed: int
   random_flip: bool = False
+  random_crop_padding: int = 0
   steps_per_dispatch: int = 1
   prefetch: int = 2
 
   def __post_init__(self):
     processes, devices = jax.process_count(), self.mesh.devices.size
+    pad = self.random_crop_padding
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+      raise ValueError(f"random_crop_padding={pad!r} must be an int >= 0 (0: no crops; Cohen et al. use 4 on "
+                       "CIFAR-10).")
     if self.batch_size % devices or self.batch_size % processes:
       raise ValueError(f"batch_size={self.batch_size} must be divisible by the number of devices ({devices}) "
                        f"and processes ({processes}).")
@@ -291,6 +311,10 @@ class TrainBatches:
     if self.random_flip:
       flip = np.random.default_rng([self.seed, epoch, process, step, 1]).random(len(picked)) < 0.5
       images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+    if self.random_crop_padding:
+      pad = self.random_crop_padding
+      offsets = np.random.default_rng([self.seed, epoch, process, step, 2]).integers(0, 2 * pad + 1, (len(picked), 2))
+      images = random_crops(images, pad, offsets)
     return images, labels
 
   def _local_dispatch(self, step: int):

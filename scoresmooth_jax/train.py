@@ -48,6 +48,7 @@ class DataConfig:
   image_size: int | None
   image_shape: tuple[int, int, int]
   random_flip: bool
+  random_crop_padding: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +91,7 @@ def _data_config(config) -> DataConfig:
   d = config.data
   return DataConfig(name=d.name, train_split=d.train_split, eval_split=d.eval_split, data_dir=d.data_dir or None,
                     image_size=d.image_size, image_shape=tuple(int(v) for v in d.image_shape),
-                    random_flip=bool(d.random_flip))
+                    random_flip=bool(d.random_flip), random_crop_padding=int(d.random_crop_padding))
 
 
 def _loop_config(config) -> LoopConfig:
@@ -214,7 +215,7 @@ def describe_model(report: dict) -> str:
           "image (forward pass, XLA cost analysis)")
 
 
-def base_config(task: str, dataset: str, image_shape, *, random_flip: bool):
+def base_config(task: str, dataset: str, image_shape, *, random_flip: bool, random_crop_padding: int = 0):
   """The skeleton every ``configs/{score,classifier}_*.py`` fills in: every key ``train_and_evaluate`` reads.
 
   Values most experiments share are set here; the ones each experiment must choose (model, learning rate,
@@ -232,7 +233,8 @@ def base_config(task: str, dataset: str, image_shape, *, random_flip: bool):
   config.report_only = False       # print parameters and FLOPs, then stop
   config.data = ml_collections.ConfigDict(dict(
       name=dataset, train_split="train", eval_split="test", data_dir=placeholder(str),
-      image_size=placeholder(int), image_shape=tuple(image_shape), random_flip=random_flip))
+      image_size=placeholder(int), image_shape=tuple(image_shape), random_flip=random_flip,
+      random_crop_padding=random_crop_padding))
   config.model = ml_collections.ConfigDict(dict(name=placeholder(str), kwargs=ml_collections.ConfigDict()))
   config.optim = ml_collections.ConfigDict(dict(
       learning_rate=placeholder(float), warmup_steps=placeholder(int), schedule="constant", grad_clip=1.0,
@@ -345,7 +347,9 @@ def train_and_evaluate(config, workdir) -> dict:
   init_key, train_key, eval_key = (jax.random.fold_in(rng, i) for i in range(3))
   make_state = lambda key: train_state.create_state(task.init_variables(key), optimizer)
   batches = data.TrainBatches(train_source, loop.batch_size, mesh, seed=config.seed,
-                              random_flip=data_config.random_flip, steps_per_dispatch=loop.steps_per_dispatch)
+                              random_flip=data_config.random_flip,
+                              random_crop_padding=data_config.random_crop_padding,
+                              steps_per_dispatch=loop.steps_per_dispatch)
 
   ckpts = checkpoint.TrainCheckpoints(workdir / "checkpoints", save_every=loop.checkpoint_every,
                                       keep=loop.keep_checkpoints)

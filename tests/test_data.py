@@ -112,6 +112,38 @@ def test_random_flip_only_when_asked():
   assert np.all(same | mirrored) and 10 < mirrored.sum() < 54
 
 
+def test_random_crops_are_zero_padded_shifts():
+  images = np.arange(2 * 3 * 4 * 1, dtype=np.float32).reshape(2, 3, 4, 1) + 1
+  # (padding, padding) is the identity; (0, 0) moves the image down and right, zeros entering top and left.
+  same = data.random_crops(images, 2, np.array([[2, 2], [2, 2]]))
+  np.testing.assert_array_equal(same, images)
+  moved = data.random_crops(images, 2, np.array([[0, 0], [4, 3]]))
+  expected0 = np.zeros_like(images[0])
+  expected0[2:, 2:] = images[0, :1, :2]
+  expected1 = np.zeros_like(images[1])
+  expected1[:1, :3] = images[1, 2:, 1:]  # the other extreme: up and left
+  np.testing.assert_array_equal(moved, np.stack([expected0, expected1]))
+
+
+def test_random_crops_in_training_batches():
+  mesh = sharding.data_mesh()
+  source = data.get_source("digits", "train")
+  plain = np.asarray(next(data.TrainBatches(source, 64, mesh, seed=0).iterate(0))[0])[0]
+  crops = lambda: data.TrainBatches(source, 64, mesh, seed=0, random_crop_padding=2)
+  cropped = np.asarray(next(crops().iterate(0))[0])[0]
+  np.testing.assert_array_equal(cropped, np.asarray(next(crops().iterate(0))[0])[0])  # a function of (seed, step)
+  # Each cropped image is its plain image shifted by some (dy, dx) in [-2, 2]^2, with zeros moved in.
+  shifts = []
+  for x, y in zip(plain, cropped):
+    matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+               if np.array_equal(data.random_crops(x[None], 2, np.array([[2 - dy, 2 - dx]]))[0], y)]
+    assert matches, "a cropped image is not a zero-padded shift of its original"
+    shifts.append(matches[0])
+  assert len(set(shifts)) > 10  # the offsets vary over the batch
+  with pytest.raises(ValueError, match="random_crop_padding=-1 must be an int >= 0"):
+    data.TrainBatches(source, 64, mesh, seed=0, random_crop_padding=-1)
+
+
 def test_process_slices_partition_the_data():
   parts = [data.process_slice(10, i, 3) for i in range(3)]
   assert [list(p) for p in parts] == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]

@@ -134,6 +134,18 @@ def test_mock_cifar10_end_to_end(tmp_path):
   assert score_fn(jnp.full((2, 32, 32, 3), 0.5), 0.25).shape == (2, 32, 32, 3)
 
 
+def test_mock_cifar10_classifier_trains_with_cohens_crops_and_flips(tmp_path, monkeypatch):
+  config = load_config("classifier_cifar10", "tiny")
+  assert config.data.random_crop_padding == 4 and config.data.random_flip
+  crops = []
+  original = data.random_crops
+  monkeypatch.setattr(data, "random_crops", lambda *args: crops.append(args[1]) or original(*args))
+  with tfds.testing.mock_data(num_examples=32):
+    metrics = train.train_and_evaluate(config, tmp_path)
+  assert crops and set(crops) == {4}  # the training batches went through the crops
+  assert 0.0 <= metrics["accuracy/clean"] <= 1.0
+
+
 @pytest.mark.parametrize("name, overrides, message", [
     ("score_digits", dict(sigma__sigma_min=0.5, sigma__sigma_max=0.5), "sigma_min=0.5, sigma_max=0.5"),
     ("score_digits", dict(sigma__sigma_min=1.0, sigma__sigma_max=0.1), "sigma_min=1.0, sigma_max=0.1"),
