@@ -298,13 +298,14 @@ def run_certification(config, workdir, *, progress_every_s: float = 10.0) -> lis
   job = build_job(config)
   process_index, process_count = jax.process_index(), jax.process_count()
   records.check_job_settings(workdir, job.spec.settings())
-  job = _with_batch_size(job)
   mine = job.indices[process_index::process_count]
   # Each process samples on its own devices: processes certify disjoint images, not shards of one image.
   mesh = sharding.data_mesh(jax.local_devices())
   base_key = jax.random.key(job.spec.seed)
   with records.RecordWriter(workdir, job.spec.mode, process_index, process_count) as writer:
     todo = [i for i in mine if i not in writer.done]
+    if todo:  # a finished run needs no batch size, and choosing one compiles
+      job = _with_batch_size(job)
     logging.info("%s: %d images for process %d/%d, %d already done, %d to go", job.spec.mode, len(mine),
                  process_index, process_count, len(mine) - len(todo), len(todo))
     start = last = time.perf_counter()

@@ -240,3 +240,6 @@ def test_batch_size_zero_is_chosen_from_the_memory_estimate(tmp_path, digits_mod
   # The chosen size is an ordinary batch size: the same records as asking for it by hand.
   explicit = certify_job.run_certification(config(certify__batch_size=chosen), tmp_path / "explicit")
   assert stable(auto) == stable(explicit)
+  # A finished run has nothing to sample, so it compiles nothing to choose a batch size.
+  again = certify_job.run_certification(config(certify__batch_size=0), tmp_path / "auto")
+  assert stable(again) == stable(auto) and "batch size" not in capsys.readouterr().out
