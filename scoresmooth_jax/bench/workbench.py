@@ -164,13 +164,14 @@ class Workbench:
 
     return self._cached("score_fn", build)
 
-  def one_step_classifier(self):
-    """Tweedie denoiser + the folded float32 classifier, one object (sample_counts caches by identity)."""
-    def build():
-      score_fn, clf, sigma = self.score_fn(), self.classifier("f32_folded"), self.config.sigma
-      return lambda y: clf(denoise.one_step(score_fn, y, sigma))
+  def _one_step_over(self, score_fn):
+    """Tweedie denoiser over ``score_fn`` + the folded float32 classifier."""
+    clf, sigma = self.classifier("f32_folded"), self.config.sigma
+    return lambda y: clf(denoise.one_step(score_fn, y, sigma))
 
-    return self._cached("one_step", build)
+  def one_step_classifier(self):
+    """The ScoreUNet one-step pipeline, one object (sample_counts caches by identity)."""
+    return self._cached("one_step", lambda: self._one_step_over(self.score_fn()))
 
   def annealed_classifier(self):
     def build():
@@ -195,11 +196,7 @@ class Workbench:
     return self._cached("ncsnpp", build)
 
   def ncsnpp_one_step_classifier(self):
-    def build():
-      score_fn, clf, sigma = self.ncsnpp_score_fn(), self.classifier("f32_folded"), self.config.sigma
-      return lambda y: clf(denoise.one_step(score_fn, y, sigma))
-
-    return self._cached("ncsnpp_one_step", build)
+    return self._cached("ncsnpp_one_step", lambda: self._one_step_over(self.ncsnpp_score_fn()))
 
   def memory_classifier(self) -> classifier_lib.Classifier:
     def build():
