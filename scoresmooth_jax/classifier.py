@@ -18,7 +18,8 @@ Promises:
     folded into the convolution before it (``models.resnet.fold_batchnorm``): logits equal the unfolded ones up to
     float rounding (~1e-6 relative in float32) and a bias add replaces BatchNorm's scale and shift after every
     convolution. The folded function is the one a certificate is then about; fold before certifying, not in
-    between.
+    between. On CPU a CIFAR ResNet whose first stage has 9-16 channels also runs that stage on column pairs
+    (``models.column_pairs``), the same function by another summation order, about 1.3x faster there.
   * ``export_classifier`` / ``load_classifier`` are the one on-disk format (``scoresmooth_jax.checkpoint`` export
     with ``"kind": "classifier"``) that training code and the PyTorch converter both write; loading restores the
     arrays bit for bit.
@@ -38,6 +39,7 @@ import numpy as np
 from scoresmooth_jax import checkpoint
 from scoresmooth_jax import models
 from scoresmooth_jax import sharding
+from scoresmooth_jax.models import column_pairs
 from scoresmooth_jax.models import resnet
 
 KIND = "classifier"
@@ -168,21 +170,29 @@ class Classifier:
     """Whether ``folded()`` applies: the network is one of our ResNets, whose BatchNorms follow convolutions."""
     return isinstance(self.module, (resnet.CifarResNet, resnet.ResNet))
 
-  def folded(self) -> "Classifier":
+  def folded(self, backend: str | None = None) -> "Classifier":
     """This classifier with BatchNorm folded into the convolutions: the same logits, cheaper to evaluate.
 
     A new ``Classifier`` (a new identity, so ``smoothing`` compiles it once on its own) whose module is built
     with ``fold_bn=True`` and whose variables are ``{"params": ...}`` with scaled kernels and added biases. Keeps
     the compute dtype and metadata. A classifier that is already folded is returned as it is.
+
+    Args:
+      backend: the JAX backend the classifier will run on (default: ``jax.default_backend()``). On "cpu" a
+        ``CifarResNet`` whose first stage ``column_pairs.pays_off`` is also built with ``column_pairs=True``.
     """
     if self.batchnorm_folded:
       return self
     if not self.foldable:
       raise ValueError(f"folding BatchNorm needs a ResNet from scoresmooth_jax.models.resnet (CifarResNet or "
                        f"ResNet); this classifier's module is {type(self.module).__name__}. Use it unfolded.")
-    return dataclasses.replace(self, module=self.module.clone(fold_bn=True),
+    module = self.module.clone(fold_bn=True)
+    paired = isinstance(module, resnet.CifarResNet) and column_pairs.pays_off(module.width, backend)
+    if paired:
+      module = module.clone(column_pairs=True)
+    return dataclasses.replace(self, module=module,
                                variables=jax.tree.map(jnp.asarray, resnet.fold_batchnorm(self.variables)),
-                               metadata={**self.metadata, "batchnorm_folded": True})
+                               metadata={**self.metadata, "batchnorm_folded": True, "column_pairs": paired})
 
 
 def _json_ready(name: str, value):

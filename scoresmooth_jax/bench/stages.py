@@ -5,12 +5,14 @@ in JAX and in the PyTorch baseline on the same weights and the same activations.
 the classifier, ``torch_parts(model)`` does the same for the ``torch_baseline`` model, ``run_parts`` runs parts in
 order and ``check_composition`` verifies that they compose to the classifier. The parts differ in channel count
 (width, 2 width, 4 width), which is what decides which kernel library XLA:CPU gives a convolution, so a per-part
-ratio says where a whole-network gap comes from.
+ratio says where a whole-network gap comes from. A network that runs on column pairs (``models.column_pairs``)
+is cut the same way: its stem returns column pairs and its layer1 takes them, so each part is timed as the
+network runs it.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -18,9 +20,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from scoresmooth_jax import classifier as classifier_lib
+from scoresmooth_jax.models import column_pairs
 from scoresmooth_jax.models import resnet
 
 PARTS = ("stem", "layer1", "layer2", "layer3", "head")
+
+
+class _Stem(nn.Module):
+  """The network's stem on its own, under the network's parameter name (conv1)."""
+
+  width: int
+  dtype: Any
+  paired: bool
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.relu(resnet.cifar_stem(self.width, self.dtype, self.paired)(x.astype(self.dtype)))
 
 
 def jax_parts(clf: classifier_lib.Classifier) -> dict[str, Callable]:
@@ -33,17 +48,19 @@ def jax_parts(clf: classifier_lib.Classifier) -> dict[str, Callable]:
   dtype = module.dtype  # the classifier's compute dtype (Classifier clones the module with it)
   mean, std = jnp.asarray(clf.mean, jnp.float32), jnp.asarray(clf.std, jnp.float32)
 
+  paired = resnet.first_stage_paired(module, clf.image_shape[1])  # then layer1 takes and returns column pairs
+
   def stem(x):
-    conv = nn.Conv(module.width, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype)
-    return nn.relu(conv.apply({"params": params["conv1"]}, ((x - mean) / std).astype(dtype)))
+    return _Stem(module.width, dtype, paired).apply({"params": {"conv1": params["conv1"]}}, (x - mean) / std)
 
   def stage(index: int):
     def run(y):
       for block in range(blocks):
         stride = 2 if (index > 0 and block == 0) else 1
-        layer = resnet.CifarBasicBlock(module.width * 2**index, stride, module.shortcut, dtype, True)
+        layer = resnet.CifarBasicBlock(module.width * 2**index, stride, module.shortcut, dtype, True,
+                                       paired and index == 0)
         y = layer.apply({"params": params[f"layer{index + 1}_{block}"]}, y)
-      return y
+      return column_pairs.unpair_columns(y) if paired and index == 0 else y
     return run
 
   def head(y):

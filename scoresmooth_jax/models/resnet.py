@@ -24,6 +24,9 @@ Promises:
     variant's parameters (same names for the kernels, ``bias`` added, ``bn*`` and ``batch_stats`` gone), so
     ``model(fold_bn=True).apply(fold_batchnorm(v), x)`` equals ``model.apply(v, x, train=False)`` up to float
     rounding, with a bias add in place of BatchNorm's scale and shift on every activation.
+  * ``CifarResNet(fold_bn=True, column_pairs=True)`` computes the same logits (up to float summation order) with
+    the same parameters, running its first stage on pairs of columns (``column_pairs``), which XLA:CPU computes
+    about 1.3x faster when that stage is 16 channels wide. Images of odd width run unpaired.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from scoresmooth_jax.models import column_pairs as pairs
 
 # PyTorch's BatchNorm2d defaults: running = (1 - 0.1) * running + 0.1 * batch, and eps 1e-5.
 BN_MOMENTUM = 0.9
@@ -116,17 +121,40 @@ def fold_batchnorm(variables: Mapping) -> dict:
   return {"params": fold(host["params"], host["batch_stats"], "")}
 
 
+class PairedConv(nn.Module):
+  """A 3x3 stride-1 convolution with a bias on column pairs (``column_pairs``): the parameters of ``nn.Conv``
+  (kernel [3, 3, C, O], bias [O]), applied as ``column_pairs.paired_conv``."""
+
+  features: int
+  to: str  # the output's pairing: column_pairs.TO_OFFSET, TO_ALIGNED or SAME
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", _KERNEL_INIT, (3, 3, x.shape[-1] // 2, self.features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return pairs.paired_conv(x, pairs.paired_kernel(kernel, self.to), self.to) + jnp.tile(bias, 2)
+
+
 class CifarBasicBlock(nn.Module):
-  """Two 3x3 convolutions with a residual connection; the first convolution carries the stride."""
+  """Two 3x3 convolutions with a residual connection; the first convolution carries the stride.
+
+  With ``column_pairs`` (stride 1, as many channels out as in, BatchNorm folded) the block takes and returns the
+  aligned column pairs [B, H, W/2, 2C] of ``column_pairs.pair_columns``, with the same parameters.
+  """
 
   features: int
   stride: int
   shortcut: str
   dtype: Any = jnp.float32
   fold_bn: bool = False
+  column_pairs: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    if self.column_pairs:
+      return self._paired(x, train)
     in_features = x.shape[-1]
     conv_bn = functools.partial(_conv_bn, dtype=self.dtype, train=train, fold_bn=self.fold_bn)
     y = nn.relu(conv_bn(x, self.features, 3, self.stride, name="conv1"))
@@ -142,6 +170,30 @@ class CifarBasicBlock(nn.Module):
         x = conv_bn(x, self.features, 1, self.stride, name="downsample_conv")
     return nn.relu(y + x.astype(y.dtype))
 
+  def _paired(self, x, train: bool):
+    if not self.fold_bn or train or self.stride != 1 or x.shape[-1] != 2 * self.features:
+      raise ValueError(f"CifarBasicBlock(column_pairs=True) runs only inference with BatchNorm folded "
+                       f"(fold_bn=True, train=False), stride 1 and {self.features} channels in and out; got "
+                       f"fold_bn={self.fold_bn}, train={train}, stride={self.stride}, input of {x.shape[-1]} "
+                       "paired channels.")
+    y = nn.relu(PairedConv(self.features, pairs.TO_OFFSET, self.dtype, name="conv1")(x))
+    y = y * pairs.outside_columns_mask(y.shape[2], self.features, y.dtype)  # the next convolution's padding
+    y = PairedConv(self.features, pairs.TO_ALIGNED, self.dtype, name="conv2")(y)
+    return nn.relu(y + x.astype(y.dtype))
+
+
+def first_stage_paired(module: "CifarResNet", width: int) -> bool:
+  """Whether ``module`` runs its stem and first stage on column pairs for images ``width`` columns wide."""
+  return module.column_pairs and width % 2 == 0
+
+
+def cifar_stem(width: int, dtype: Any, paired: bool, train: bool = False, fold_bn: bool = True):
+  """The CIFAR ResNet's first convolution (``conv1``, then ``bn1`` unless folded), before its ReLU: images in,
+  or, ``paired``, images in and the aligned column pairs of the first stage out (folded networks only)."""
+  if paired:
+    return lambda x: PairedConv(width, pairs.SAME, dtype, name="conv1")(pairs.pair_columns(x))
+  return lambda x: _conv_bn(x, width, 3, 1, dtype, "conv1", train, fold_bn)
+
 
 class CifarResNet(nn.Module):
   """He et al.'s CIFAR ResNet of depth 6n+2 (n BasicBlocks per stage, three stages).
@@ -153,6 +205,8 @@ class CifarResNet(nn.Module):
     width: channels of the first stage; the stages have width, 2 * width and 4 * width channels.
     dtype: compute dtype (float32 or bfloat16); parameters are float32.
     fold_bn: the inference-only variant with BatchNorm folded into the convolutions (``fold_batchnorm``).
+    column_pairs: with ``fold_bn``, run the first stage on column pairs (``column_pairs``; images of odd width
+      run unpaired): the same function, faster on CPU when ``column_pairs.pays_off(width)``.
   """
 
   depth: int = 20
@@ -161,6 +215,7 @@ class CifarResNet(nn.Module):
   width: int = 16
   dtype: Any = jnp.float32
   fold_bn: bool = False
+  column_pairs: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -176,13 +231,19 @@ class CifarResNet(nn.Module):
     if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
       raise ValueError(f"CifarResNet(num_classes={self.num_classes!r}) must be a positive integer.")
     _check_fold(self.fold_bn, train, "CifarResNet")
+    if self.column_pairs and not self.fold_bn:
+      raise ValueError("CifarResNet(column_pairs=True) needs fold_bn=True: column pairs are an inference "
+                       "layout for the BatchNorm-folded network (Classifier.folded() chooses it).")
     blocks = (self.depth - 2) // 6
-    y = nn.relu(_conv_bn(x, self.width, 3, 1, self.dtype, "conv1", train, self.fold_bn))
+    paired = first_stage_paired(self, x.shape[2])
+    y = nn.relu(cifar_stem(self.width, self.dtype, paired, train, self.fold_bn)(x))
     for stage in range(3):
+      if paired and stage == 1:  # the stem and the first stage run on column pairs
+        y = pairs.unpair_columns(y)
       for block in range(blocks):
         stride = 2 if (stage > 0 and block == 0) else 1
         y = CifarBasicBlock(self.width * 2**stage, stride, self.shortcut, self.dtype, self.fold_bn,
-                            name=f"layer{stage + 1}_{block}")(y, train=train)
+                            column_pairs=paired and stage == 0, name=f"layer{stage + 1}_{block}")(y, train=train)
     y = jnp.mean(y, axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(y)
 
