@@ -25,8 +25,8 @@ Promises:
     ``model(fold_bn=True).apply(fold_batchnorm(v), x)`` equals ``model.apply(v, x, train=False)`` up to float
     rounding, with a bias add in place of BatchNorm's scale and shift on every activation.
   * ``CifarResNet(fold_bn=True, column_pairs=True)`` computes the same logits (up to float summation order) with
-    the same parameters, running its first stage on pairs of columns (``column_pairs``), which XLA:CPU computes
-    about 1.3x faster when that stage is 16 channels wide. Images of odd width run unpaired.
+    the same parameters, running its stem and first stage on pairs of columns (``column_pairs``), which XLA:CPU
+    computes about 1.2-1.3x faster when that stage is 16 channels wide. Images of odd width run unpaired.
 """
 
 from __future__ import annotations
@@ -205,8 +205,8 @@ class CifarResNet(nn.Module):
     width: channels of the first stage; the stages have width, 2 * width and 4 * width channels.
     dtype: compute dtype (float32 or bfloat16); parameters are float32.
     fold_bn: the inference-only variant with BatchNorm folded into the convolutions (``fold_batchnorm``).
-    column_pairs: with ``fold_bn``, run the first stage on column pairs (``column_pairs``; images of odd width
-      run unpaired): the same function, faster on CPU when ``column_pairs.pays_off(width)``.
+    column_pairs: with ``fold_bn``, run the stem and first stage on column pairs (``column_pairs``; images of odd
+      width run unpaired): the same function, faster on CPU when ``column_pairs.pays_off(width)``.
   """
 
   depth: int = 20
