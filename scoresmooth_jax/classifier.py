@@ -186,13 +186,11 @@ class Classifier:
     if not self.foldable:
       raise ValueError(f"folding BatchNorm needs a ResNet from scoresmooth_jax.models.resnet (CifarResNet or "
                        f"ResNet); this classifier's module is {type(self.module).__name__}. Use it unfolded.")
-    module = self.module.clone(fold_bn=True)
-    paired = isinstance(module, resnet.CifarResNet) and column_pairs.pays_off(module.width, backend)
-    if paired:
-      module = module.clone(column_pairs=True)
+    paired = isinstance(self.module, resnet.CifarResNet) and column_pairs.pays_off(self.module.width, backend)
+    module = self.module.clone(fold_bn=True, **({"column_pairs": True} if paired else {}))
     return dataclasses.replace(self, module=module,
                                variables=jax.tree.map(jnp.asarray, resnet.fold_batchnorm(self.variables)),
-                               metadata={**self.metadata, "batchnorm_folded": True, "column_pairs": paired})
+                               metadata={**self.metadata, "batchnorm_folded": True})
 
 
 def _json_ready(name: str, value):

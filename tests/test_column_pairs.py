@@ -125,8 +125,8 @@ def _random_classifier(width, shape=(8, 8, 3)):
 def test_folding_chooses_pairs_on_cpu_for_narrow_cifar_resnets():
   clf = _random_classifier(width=16)
   on_cpu, on_gpu = clf.folded(backend="cpu"), clf.folded(backend="gpu")
-  assert on_cpu.module.column_pairs and on_cpu.metadata["column_pairs"]
-  assert not on_gpu.module.column_pairs and not on_gpu.metadata["column_pairs"]
+  assert on_cpu.module.column_pairs and on_cpu.batchnorm_folded
+  assert not on_gpu.module.column_pairs and on_gpu.batchnorm_folded
   assert not _random_classifier(width=32).folded(backend="cpu").module.column_pairs
   # The default backend of these tests is CPU; the compute dtype survives, and keeps the pairs.
   bf16 = dataclasses.replace(clf.folded(), compute_dtype=jnp.bfloat16)
