@@ -79,6 +79,20 @@ def test_outside_columns_mask_zeroes_columns_minus_one_and_w():
   np.testing.assert_array_equal(mask, want)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_offset_relu_of_sum_is_the_masked_relu(dtype):
+  rng = np.random.default_rng(0)
+  u = rng.normal(size=(2, 3, 4, 6))
+  bias = rng.normal(size=(6,))
+  u[0, 0, :, :] = -bias  # sums of exactly zero
+  u, bias = jnp.asarray(u, dtype), jnp.asarray(bias, dtype)
+  got = np.asarray(column_pairs.offset_relu_of_sum(u, bias), np.float32)
+  want = np.asarray(jax.nn.relu(u + bias) * column_pairs.outside_columns_mask(4, 3, dtype), np.float32)
+  np.testing.assert_array_equal(got, want)
+  by_column = got.reshape(2, 3, 8, 3)
+  assert not by_column[:, :, 0].any() and not by_column[:, :, -1].any() and by_column[:, :, 1:-1].any()
+
+
 @pytest.mark.parametrize("channels, backend, expected", [
     (16, "cpu", True), (9, "cpu", True), (8, "cpu", False), (17, "cpu", False), (32, "cpu", False),
     (16, "gpu", False), (16, "tpu", False)])

@@ -8,6 +8,7 @@ images in [0, 1] through the whole classifier (normalisation included).
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +24,37 @@ TORCH_REASON = "PyTorch is not installed (pip install torch==2.13.0): PyTorch pa
 def _num_params(module, shape):
   variables = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros(shape))
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_relu_of_sum_is_relu_of_the_sum_bit_for_bit(dtype):
+  rng = np.random.default_rng(0)
+  u = rng.normal(size=(4096,)) * 10.0 ** rng.integers(-6, 6, size=4096)
+  v = rng.normal(size=(4096,)) * 10.0 ** rng.integers(-6, 6, size=4096)
+  u[:512] = -v[:512]  # the sum is exactly zero
+  u[512:600], v[600:700] = 0.0, 0.0
+  u, v = jnp.asarray(u, dtype), jnp.asarray(v, dtype)
+  got = np.asarray(jax.jit(resnet.relu_of_sum)(u, v), np.float32)
+  want = np.asarray(jax.jit(lambda a, b: jax.nn.relu(a + b))(u, v), np.float32)
+  assert got.dtype == want.dtype and np.count_nonzero(want) > 1000 and np.count_nonzero(want == 0) > 1000
+  np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("features, size, stride", [(5, 3, 1), (4, 3, 2), (6, 1, 2), (3, 7, 2)])
+def test_folded_conv_is_nn_conv_with_its_bias_apart(features, size, stride):
+  x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3))
+  pad = size // 2
+  reference = nn.Conv(features, (size, size), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                      use_bias=True, kernel_init=resnet._KERNEL_INIT)  # what _conv_bn(fold_bn=True) builds
+  folded = resnet.FoldedConv(features, size, stride)
+  variables = folded.init(jax.random.key(1), x)
+  assert jax.tree.map(np.shape, variables) == jax.tree.map(np.shape, reference.init(jax.random.key(1), x))
+  for got, want in zip(jax.tree.leaves(variables), jax.tree.leaves(reference.init(jax.random.key(1), x))):
+    np.testing.assert_array_equal(got, want)  # the same initialisation, so checkpoints and seeds carry over
+  variables = jax.tree.map(lambda a: a + jax.random.normal(jax.random.key(2), a.shape), variables)
+  y, bias = folded.apply(variables, x)
+  np.testing.assert_array_equal(bias, variables["params"]["bias"])
+  np.testing.assert_allclose(y + bias, reference.apply(variables, x), rtol=1e-6, atol=1e-6)
 
 
 def test_parameter_counts_match_the_published_models():

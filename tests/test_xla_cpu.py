@@ -50,12 +50,26 @@ def test_every_computing_script_applies_the_flags_in_main(script):
 
 
 # Runs in a fresh process, because XLA reads XLA_FLAGS only when it starts: the folded ResNet-20's logits, the DSM
-# loss gradient of a small ScoreUNet, and how many convolutions the compiled ResNet gives to YNNPACK fusions.
+# loss gradient of a small ScoreUNet, how many convolutions the compiled ResNet gives to YNNPACK fusions, and how
+# many of those fusions read a constant that XLA materialised at an activation's full size.
 _PROGRAM = r"""
-import sys
+import re, sys
 import jax, jax.numpy as jnp, numpy as np
-from scoresmooth_jax import losses
+from scoresmooth_jax import bench, losses
 from scoresmooth_jax.models import resnet, score_unet
+
+
+def materialised_constant_reads(hlo):
+  # Operands of YNNPACK fusions that are a scalar or 2-D constant (a ReLU's zero, the column-pairs mask) broadcast
+  # to a whole [B, H, W, C] activation outside the fusion: memory traffic instead of a fused broadcast.
+  constants = dict(re.findall(r"(%constant[.\d]*) = f32\[([\d,]*)\]", hlo))
+  materialised = {name for name, const in re.findall(
+      r"(%[\w.-]+) = f32\[\d+,\d+,\d+,\d+\]\{[^}]*\} fusion\((%constant[.\d]*)\), kind=kLoop", hlo)
+      if constants.get(const, "").count(",") != 0 or constants.get(const) == ""}
+  reads = 0
+  for operands in re.findall(r"fusion\(([^)]*)\), kind=kCustom.*__ynn_fusion", hlo):
+    reads += sum(operand.strip() in materialised for operand in operands.split(","))
+  return reads
 
 images = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
 net = resnet.CifarResNet(depth=20, fold_bn=True)
@@ -67,9 +81,13 @@ z = jax.random.normal(jax.random.key(2), images.shape)
 params = jax.jit(unet.init)(jax.random.key(3), images, sigma)
 loss = lambda p: losses.dsm_loss_per_example(unet.apply, p, images, sigma, z).mean()
 grads = jax.jit(jax.grad(loss))(params)
+paired = resnet.CifarResNet(depth=20, shortcut="B", fold_bn=True, column_pairs=True)
+paired_variables = jax.tree.map(jnp.asarray, bench.random_variables(paired, images, seed=0))  # distinct biases
+paired_hlo = jax.jit(paired.apply).lower(paired_variables, images).compile().as_text()
 np.savez(sys.argv[1], logits=np.asarray(forward(variables, images)),
          grads=np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)]),
-         ynn_fusions=forward.as_text().count("__ynn_fusion"))
+         ynn_fusions=forward.as_text().count("__ynn_fusion"),
+         constant_reads=materialised_constant_reads(paired_hlo))
 """
 
 
@@ -86,6 +104,9 @@ def test_recommended_flags_change_the_kernels_not_the_results(tmp_path):
   flagged = _run(tmp_path, "flagged", FLAG)
   # The flag took effect: more of the compiled network runs as YNNPACK fusions.
   assert int(flagged["ynn_fusions"]) > int(default["ynn_fusions"])
+  # The folded network's ReLUs take their thresholds from their own biases and inputs (resnet.relu_of_sum), so no
+  # fused convolution reads a shared zero or mask from memory (with nn.relu and the mask product: 8 reads).
+  assert int(flagged["constant_reads"]) == 0
   # ... and computes the same function, to float32 rounding of differently ordered sums.
   np.testing.assert_allclose(flagged["logits"], default["logits"], rtol=1e-4, atol=1e-5)
   scale = np.max(np.abs(default["grads"]))

@@ -35,7 +35,7 @@ class _Stem(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return nn.relu(resnet.cifar_stem(self.width, self.dtype, self.paired)(x.astype(self.dtype)))
+    return resnet.cifar_stem(self.width, self.dtype, self.paired)(x.astype(self.dtype))
 
 
 def jax_parts(clf: classifier_lib.Classifier) -> dict[str, Callable]:

@@ -14,7 +14,8 @@ input slots, so one convolution with a 3x2 kernel over 2C -> 2O channels (``pair
 same kernel serves both directions:
   * offset -> aligned: no column padding; W/2 + 1 slots become W/2.
   * aligned -> offset: one slot of zero padding on each side; W/2 slots become W/2 + 1, whose two outside
-    columns the caller zeroes (``outside_columns_mask``) before the next convolution reads them.
+    columns must be zero again before the next convolution reads them (``offset_relu_of_sum`` zeroes them in the
+    ReLU that follows the convolution).
 A residual block (aligned -> offset -> aligned) keeps its shortcut in the aligned pairing, so a whole stage runs
 paired between one ``pair_columns`` and one ``unpair_columns``. A convolution that keeps the pairing reads three
 slots (a 3x3 kernel over 2C -> 2O, twice the multiply-adds); the network's first convolution, from 3 image
@@ -32,6 +33,8 @@ Promises:
   * ``paired_conv(x, paired_kernel(w, to), to)`` equals the stride-1, zero-padded 3x3 convolution of the unpaired
     image with ``w`` (HWIO), in the pairing ``to`` names, up to float summation order, given zeros in the outside
     columns of an offset input.
+  * ``offset_relu_of_sum(u, bias)`` equals ``relu(u + bias) * outside_columns_mask(...)`` bit for bit for finite
+    values.
 """
 
 from __future__ import annotations
@@ -117,3 +120,19 @@ def outside_columns_mask(slots: int, channels: int, dtype) -> jax.Array:
   (last slot, second half). Multiplying an offset activation by it restores the zero padding."""
   mask = jnp.ones((slots, 2, channels), dtype)
   return mask.at[0, 0].set(0).at[-1, 1].set(0).reshape(slots, 2 * channels)
+
+
+def offset_relu_of_sum(u: jax.Array, bias: jax.Array) -> jax.Array:
+  """relu(u + bias) for an offset activation ``u`` [B, H, S, 2C], with its two outside columns set to zero, the
+  padding the next convolution reads: min(max(u, -bias), ceiling) + bias, where the ceiling is +inf inside
+  the image and -bias on the outside columns. Inside that is ``resnet.relu_of_sum`` (bit for bit relu(u + bias)
+  for finite values); outside it is -bias + bias, exactly 0.
+
+  Why not multiply by ``outside_columns_mask``: XLA merges the masks (and the ReLUs' zeros) of all blocks into
+  one constant with many users, which a YNNPACK fusion on CPU cannot take in, so it is materialised at the
+  activation's full size and read by every block. The ceiling depends on the block's own bias, so it fuses.
+  """
+  slots, channels = u.shape[2], u.shape[3] // 2
+  inside = outside_columns_mask(slots, channels, jnp.float32) > 0
+  ceiling = jnp.where(inside, jnp.inf, -bias).astype(u.dtype)
+  return jnp.minimum(jnp.maximum(u, -bias), ceiling) + bias
