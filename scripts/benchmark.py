@@ -20,6 +20,8 @@ _IMAGENET = flags.DEFINE_bool("imagenet", False, "Also benchmark the ImageNet Re
 _BATCH = flags.DEFINE_integer("batch_size", None, "Per-device batch size of the classifier rows (default 64).")
 _REPEATS = flags.DEFINE_integer("repeats", None, "Interleaved repetitions per comparison (default 5).")
 _TORCH = flags.DEFINE_bool("torch", True, "Time the PyTorch eager baseline when torch is installed.")
+_SWEEP = flags.DEFINE_list("torch_sweep_batch_sizes", None, "More batch sizes at which PyTorch and JAX are compared "
+                           "(default 32,128,400; an empty string for none).")
 _NCSNPP = flags.DEFINE_bool("ncsnpp", True, "Run the NCSN++ one-step row (about 20 GFLOP per image).")
 _MEMORY = flags.DEFINE_bool("memory", True, "Measure peak memory in a fresh subprocess per configuration.")
 _FIXTURES = flags.DEFINE_string("fixtures_dir", None, "Directory with the trained ResNet-20 fixture and CIFAR-10 "
@@ -42,6 +44,12 @@ def main(argv):
     os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), _XLA_FLAGS.value) if f)
   overrides = {k: v for k, v in dict(batch_size=_BATCH.value, repeats=_REPEATS.value).items() if v is not None}
   overrides.update(torch=_TORCH.value, memory=_MEMORY.value, imagenet=_IMAGENET.value, fixtures_dir=_FIXTURES.value)
+  if _SWEEP.value is not None:
+    try:
+      overrides["torch_sweep_batch_sizes"] = tuple(int(b) for b in _SWEEP.value)
+    except ValueError as err:
+      raise app.UsageError(f"--torch_sweep_batch_sizes={','.join(_SWEEP.value)}: give integers, e.g. "
+                           "32,128,400") from err
   if _TINY.value:
     config = bench.tiny_config(**overrides)
   else:

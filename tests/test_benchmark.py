@@ -174,7 +174,21 @@ def test_benchmark_runs_end_to_end_in_tiny_mode(tmp_path):
   try:
     torch_baseline.import_torch()
     timed += ["torch.f32"] + [f"jax_vs_torch.{v}" for v in config.classifier_variants]
-    assert loaded["targets"]["jax_float32_vs_torch"]["value"] > 0
+    sweep = ["sweep.torch.8"] + [f"sweep.jax.{v}.8" for v in config.classifier_variants]
+    timed += sweep
+    # Each side at its fastest batch size: the target is the best JAX rate over the best PyTorch rate, from
+    # uncontended medians when every compared row had uncontended calls.
+    compared = ["torch.f32", "torch.f32_1thread"] + [f"jax_vs_torch.{v}" for v in config.classifier_variants] + sweep
+    key = ("uncontended_samples_per_s" if all(rows[i]["uncontended_samples_per_s"] for i in compared)
+           else "samples_per_s")
+    jax_best = max(rows[i][key] for i in ("jax_vs_torch.f32_folded", "sweep.jax.f32_folded.8"))
+    torch_best = max(rows[i][key] for i in ("torch.f32", "torch.f32_1thread", "sweep.torch.8"))
+    target = loaded["targets"]["jax_float32_vs_torch"]
+    assert target["value"] == pytest.approx(jax_best / torch_best)
+    assert "at equal batch size: B=8" in target["note"] and "B=16" in target["note"]
+    assert rows["sweep.jax.f32_folded.8"]["batch_size"] == 8
+    assert rows["sweep.torch.8"]["batch_size"] == 8 * jax.device_count()  # PyTorch runs the whole batch
+    assert rows["sweep.jax.f32_folded.8"]["ratio_to"] == "sweep.torch.8"
   except ImportError:
     pass
   for row_id in timed:
@@ -199,3 +213,11 @@ def test_benchmark_runs_end_to_end_in_tiny_mode(tmp_path):
   table = bench.markdown_table(results)
   assert table.count("\n| ") >= len(timed) and "peak_memory_large_n_vs_small_n" in table
   assert loaded["config"]["depth"] == config.depth
+
+
+def test_batch_size_sweep_config_drops_the_main_batch_size_and_names_bad_values():
+  config = bench.BenchmarkConfig(batch_size=64, torch_sweep_batch_sizes=(400, 64, 32, 32))
+  assert config.torch_sweep_batch_sizes == (32, 400)  # B=64 is already timed by the equal-batch rows
+  assert bench.BenchmarkConfig(torch_sweep_batch_sizes=()).torch_sweep_batch_sizes == ()
+  with pytest.raises(ValueError, match=r"torch_sweep_batch_sizes=\(32, 0\)"):
+    bench.BenchmarkConfig(torch_sweep_batch_sizes=(32, 0))

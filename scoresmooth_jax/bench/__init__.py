@@ -5,8 +5,11 @@
          in Cohen et al.; random weights), float32, float32 with BatchNorm folded, bfloat16 folded;
   b      the same classifiers inside ``smoothing.sample_counts`` (noise, forward, argmax, counts kept on device),
          with the ratio b / a (target >= 0.95);
-  torch  the PyTorch eager loop of ``torch_baseline`` on the same weights, when torch imports, and JAX / PyTorch
-         (targets: float32 >= 1.0, bfloat16 >= 1.2);
+  torch  the PyTorch eager loop of ``torch_baseline`` on the same weights, when torch imports, against
+         sample_counts at the same n: at B (PyTorch on 1 and on all threads), then at each of
+         ``torch_sweep_batch_sizes`` (rows ``sweep.*``); JAX / PyTorch compares each side at its fastest batch
+         size (targets: float32 >= 1.0, bfloat16 >= 1.2), and the target's note lists the ratio at each equal
+         batch size;
   parts  where the time goes: the float32 folded ResNet cut into stem, layer1, layer2, layer3 and head
          (``stages``), each timed on its own in JAX and in PyTorch on the same weights and activations;
   c      one-step (Tweedie) denoiser (a ScoreUNet) + classifier, raw and inside sample_counts (>= 0.95), and the

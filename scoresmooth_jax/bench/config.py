@@ -38,6 +38,9 @@ class BenchmarkConfig:
     levels, steps_per_level, annealed_batch_size: row d's L, T and per-device batch size.
     train_batch_size: row e's per-device batch size.
     torch: time the PyTorch loop (when torch imports); torch_batches: its batches per timed call.
+    torch_sweep_batch_sizes: more batch sizes at which the PyTorch loop and the folded JAX classifiers are timed
+      against each other (besides batch_size), so that the float32 and bfloat16 targets compare each side at
+      its best batch size. 400 is the certification job's CIFAR-10 default; Cohen et al.'s certify.py uses 1000.
     parts: time the float32 folded ResNet's parts (stem, layer1-3, head) on their own, in JAX and PyTorch.
     ncsnpp: run the NCSN++ row; ncsnpp_batch_size, ncsnpp_num: its batch size and draws.
     imagenet: also run the ImageNet ResNet-50 rows, at imagenet_batch_size.
@@ -72,6 +75,7 @@ class BenchmarkConfig:
   torch: bool = True
   parts: bool = True
   torch_batches: int = 2
+  torch_sweep_batch_sizes: tuple[int, ...] = (32, 128, 400)
   ncsnpp: bool = True
   ncsnpp_batch_size: int = 4
   ncsnpp_num: int = 8
@@ -106,6 +110,11 @@ class BenchmarkConfig:
     if unknown or not self.classifier_variants:
       raise ValueError(f"BenchmarkConfig.classifier_variants={self.classifier_variants!r}: choose among 'f32', "
                        "'f32_folded' and 'bf16_folded'.")
+    sweep = tuple(self.torch_sweep_batch_sizes)
+    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sweep):
+      raise ValueError(f"BenchmarkConfig.torch_sweep_batch_sizes={self.torch_sweep_batch_sizes!r}: give positive "
+                       "integer batch sizes, or () for none.")
+    object.__setattr__(self, "torch_sweep_batch_sizes", tuple(sorted(set(sweep) - {self.batch_size})))
     object.__setattr__(self, "classifier_variants", tuple(self.classifier_variants))
     object.__setattr__(self, "image_shape", tuple(int(d) for d in self.image_shape))
     object.__setattr__(self, "unet_mults", tuple(int(m) for m in self.unet_mults))
@@ -120,7 +129,8 @@ def tiny_config(**overrides) -> BenchmarkConfig:
   settings = dict(batch_size=16, depth=8, width=4, image_shape=(8, 8, 3), batches_per_call=2, repeats=2,
                   classifier_variants=("f32_folded", "bf16_folded"),
                   unet_channels=4, unet_mults=(1,), levels=2, steps_per_level=2, annealed_batch_size=8,
-                  train_batch_size=8, torch_batches=2, ncsnpp=False, memory_rows=("mem.small", "mem.large"),
+                  train_batch_size=8, torch_batches=2, torch_sweep_batch_sizes=(8,), ncsnpp=False,
+                  memory_rows=("mem.small", "mem.large"),
                   memory_check_num=(100, 2_000), memory_check_batch=25, memory_workers=2, agreement_images=2,
                   agreement_draws=16, auto_budget_mib=16, calibrate=False)
   settings.update(overrides)

@@ -147,7 +147,8 @@ def _classifier_section(res: _Results) -> None:
 
 
 def _torch_section(res: _Results) -> None:
-  """The PyTorch eager loop against sample_counts, same weights, same n, interleaved."""
+  """The PyTorch eager loop against sample_counts, same weights, same n, interleaved: at batch_size (both thread
+  counts of PyTorch), then at each of torch_sweep_batch_sizes. The targets compare each side at its best."""
   bench, cfg = res.bench, res.bench.config
   if not cfg.torch or res.env["torch"] is None:
     reason = "disabled" if not cfg.torch else "torch is not installed"
@@ -176,23 +177,58 @@ def _torch_section(res: _Results) -> None:
   jax_rows = {v: _row(f"jax_vs_torch.{v}", f"sample_counts {VARIANT_LABELS[v]} vs the faster PyTorch (same n)",
                       dataclasses.replace(bench.case(f"b.{v}"), samples=num), timing, f"jax.{v}")
               for v in cfg.classifier_variants}
+  sweep_torch, sweep_jax = _batch_size_sweep(res, threads["torch_intra_op_threads"])
   # Uncontended medians when every side had uncontended calls; otherwise the medians of all calls.
-  quiet = all(r["uncontended_samples_per_s"] for r in [res.row(t) for t in torch_ids] + list(jax_rows.values()))
+  compared = [res.row(t) for t in torch_ids] + list(jax_rows.values()) + list(sweep_torch.values()) + [
+      row for rows in sweep_jax.values() for row in rows.values()]
+  quiet = all(r["uncontended_samples_per_s"] for r in compared)
   key = "uncontended_samples_per_s" if quiet else "samples_per_s"
   best_torch = max(torch_ids, key=lambda t: res.row(t)[key])
   for v, row in jax_rows.items():
     row.update(ratio=row[key] / res.row(best_torch)[key], ratio_to=best_torch,
                ratio_of_best=row["best_samples_per_s"] / max(res.row(t)["best_samples_per_s"] for t in torch_ids))
     res.rows.append(row)
+  for size, torch_row in sweep_torch.items():
+    res.rows.append(torch_row)
+    for v in sweep_jax:
+      row = sweep_jax[v][size]
+      row.update(ratio=row[key] / torch_row[key], ratio_to=torch_row["id"])
+      res.rows.append(row)
+  # The targets: each side at its fastest batch size (PyTorch also at its faster thread count).
+  torch_all = [res.row(t) for t in torch_ids] + list(sweep_torch.values())
+  torch_top = max(torch_all, key=lambda r: r[key])
   which = "uncontended medians" if quiet else "medians (no uncontended calls on some side)"
   for name, v in (("jax_float32_vs_torch", "f32_folded"), ("jax_bfloat16_vs_torch", "bf16_folded")):
     if v not in jax_rows:
       res.targets[name] = _target(name, None, f"{v} not in classifier_variants")
       continue
-    note = f"{VARIANT_LABELS[v]} vs {best_torch}, {which}; fastest calls: {jax_rows[v]['ratio_of_best']:.2f}"
+    jax_all = [jax_rows[v]] + list(sweep_jax.get(v, {}).values())
+    jax_top = max(jax_all, key=lambda r: r[key])
+    by_size = sorted(jax_all, key=lambda r: r["batch_size"])
+    at_equal = ", ".join(f"B={r['batch_size']} {r['ratio']:.2f}" for r in by_size)
+    note = (f"{VARIANT_LABELS[v]}, best at B={jax_top['batch_size']}, vs the best PyTorch ({torch_top['id']}, "
+            f"B={torch_top['batch_size']}), {which}; at equal batch size: {at_equal}")
     if v == "f32_folded" and "f32" in jax_rows:
-      note += f"; unfolded float32: {jax_rows['f32']['ratio']:.2f}"
-    res.targets[name] = _target(name, jax_rows[v]["ratio"], note)
+      note += f"; unfolded float32 at B={cfg.batch_size}: {jax_rows['f32']['ratio']:.2f}"
+    res.targets[name] = _target(name, jax_top[key] / torch_top[key], note)
+
+
+def _batch_size_sweep(res: _Results, threads: int) -> tuple[dict, dict]:
+  """The PyTorch loop and sample_counts of the folded classifiers at each of torch_sweep_batch_sizes,
+  interleaved: rows ({B: torch row}, {variant: {B: JAX row}}), without ratios (the caller adds them)."""
+  bench, cfg = res.bench, res.bench.config
+  variants = [v for v in ("f32_folded", "bf16_folded") if v in cfg.classifier_variants]
+  sizes = cfg.torch_sweep_batch_sizes
+  if not sizes or not variants:
+    return {}, {}
+  res.log(f"torch: batch sizes {', '.join(map(str, sizes))}")
+  ids = [f"sweep.torch.{b}" for b in sizes] + [f"sweep.jax.{v}.{b}" for v in variants for b in sizes]
+  timing = interleaved({i: bench.case(i).run for i in ids}, max(3, cfg.repeats - 1))
+  torch_rows = {b: _row(f"sweep.torch.{b}", f"PyTorch eager MC loop, float32 NCHW, {threads} thread(s), B={b}",
+                        bench.case(f"sweep.torch.{b}"), timing) for b in sizes}
+  jax_rows = {v: {b: _row(f"sweep.jax.{v}.{b}", f"sample_counts {VARIANT_LABELS[v]}, B={b} (same n as PyTorch)",
+                          bench.case(f"sweep.jax.{v}.{b}"), timing) for b in sizes} for v in variants}
+  return torch_rows, jax_rows
 
 
 def _parts_section(res: _Results) -> None:

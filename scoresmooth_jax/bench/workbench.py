@@ -264,6 +264,13 @@ class Workbench:
       return self._torch_case(xla_cpu_threads())
     if case_id == "torch.f32_1thread":
       return self._torch_case(1)
+    if section == "sweep":  # "sweep.torch.B" or "sweep.jax.VARIANT.B": the PyTorch loop against sample_counts
+      side, _, rest = variant.partition(".")
+      name, _, size = rest.rpartition(".")
+      size = int(size)
+      if side == "torch":
+        return self._torch_case(xla_cpu_threads(), size)
+      return self._counts_case(self.classifier(name), size, cfg.torch_batches * size, self._flops_of(f"a.{name}"))
     if case_id == "c.raw":
       return self._forward_case(self.one_step_classifier(), batch, calls)
     if case_id == "c.counts":
@@ -316,21 +323,20 @@ class Workbench:
 
     return self._cached("torch_model", build)
 
-  def _torch_case(self, threads: int) -> Case:
+  def _torch_case(self, threads: int, batch_size: int | None = None) -> Case:
     cfg = self.config
     model = self.torch_model()
     image = np.asarray(self.image)
-    num = cfg.torch_batches * cfg.batch_size * self.devices  # the same draws the JAX rows make per call
+    batch = (batch_size or cfg.batch_size) * self.devices
+    num = cfg.torch_batches * batch  # the same draws the JAX side makes per call
 
     def count(n):
       torch_baseline.configure_threads(threads)  # per call: the 1- and 2-thread cases run interleaved
-      return torch_baseline.sample_counts(model, image, cfg.sigma, n, cfg.batch_size * self.devices,
-                                          cfg.num_classes, seed=cfg.seed)
+      return torch_baseline.sample_counts(model, image, cfg.sigma, n, batch, cfg.num_classes, seed=cfg.seed)
 
     flops = self._flops_of("a.f32")
-    return Case(run=lambda: count(num), warmup=lambda: count(cfg.batch_size), samples=num,
-                batch_size=cfg.batch_size * self.devices, flops_per_sample=flops,
-                flops_source="JAX forward's XLA cost (same network)")
+    return Case(run=lambda: count(num), warmup=lambda: count(batch), samples=num, batch_size=batch,
+                flops_per_sample=flops, flops_source="JAX forward's XLA cost (same network)")
 
   def _train_case(self) -> Case:
     cfg = self.config
