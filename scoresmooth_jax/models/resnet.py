@@ -90,6 +90,12 @@ def relu_of_sum(u: jax.Array, v: jax.Array) -> jax.Array:
   return jnp.maximum(u, -v) + v
 
 
+def _residual_relu(y: jax.Array, shortcut: jax.Array, fold_bn: bool) -> jax.Array:
+  """A residual block's output ReLU: ``relu_of_sum`` in the folded (inference-only) network. The trainable network
+  keeps ``nn.relu``, so its gradients stay exactly relu's (derivative 0 at 0, where max's would split a tie)."""
+  return relu_of_sum(y, shortcut) if fold_bn else nn.relu(y + shortcut)
+
+
 def _check_fold(fold_bn: bool, train: bool, model: str) -> None:
   if fold_bn and train:
     raise ValueError(f"{model}(fold_bn=True) is an inference-only network (BatchNorm is folded into the "
@@ -209,7 +215,7 @@ class CifarBasicBlock(nn.Module):
         x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
       else:
         x = conv_bn(x, self.features, 1, self.stride, name="downsample_conv")
-    return relu_of_sum(y, x.astype(y.dtype))
+    return _residual_relu(y, x.astype(y.dtype), self.fold_bn)
 
   def _paired(self, x, train: bool):
     if not self.fold_bn or train or self.stride != 1 or x.shape[-1] != 2 * self.features:
@@ -314,7 +320,7 @@ class Bottleneck(nn.Module):
     y = conv_bn(y, out_features, 1, 1, name="conv3")
     if self.stride != 1 or x.shape[-1] != out_features:
       x = conv_bn(x, out_features, 1, self.stride, name="downsample_conv")
-    return relu_of_sum(y, x.astype(y.dtype))
+    return _residual_relu(y, x.astype(y.dtype), self.fold_bn)
 
 
 class ResNet(nn.Module):
