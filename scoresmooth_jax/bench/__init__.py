@@ -38,8 +38,8 @@ How it measures, and why:
 
 # The modules: ``config`` (what to run), ``measure`` (timing and XLA cost), ``memory`` (peak memory, in a
 # subprocess), ``workbench`` (models with random weights and the timed cases), ``environment`` (backend and CPU),
-# ``stages`` (the ResNet cut into parts), ``sections`` (the rows and ``run_benchmark``), ``report`` (Markdown and
-# JSON).
+# ``stages`` (the ResNet cut into parts), ``agreement`` (bfloat16 vs float32 labels), ``sections`` (the rows and
+# ``run_benchmark``), ``report`` (Markdown and JSON).
 
 from scoresmooth_jax.bench.config import MIB, TARGETS, BenchmarkConfig, tiny_config
 from scoresmooth_jax.bench.environment import cpu_features, environment, xla_cpu_threads

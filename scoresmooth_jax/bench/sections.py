@@ -12,13 +12,13 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from scoresmooth_jax import batching, noise, smoothing, torch_baseline
+from scoresmooth_jax import batching, smoothing, torch_baseline
 from scoresmooth_jax.bench.config import MIB, TARGETS, BenchmarkConfig
 from scoresmooth_jax.bench.environment import environment, xla_cpu_threads
 from scoresmooth_jax.bench import stages
+from scoresmooth_jax.bench.agreement import fixture_agreement, labels_agreement
 from scoresmooth_jax.bench.measure import UNCONTENDED_CORES, Timing, _flops, _median, _spread, interleaved
 from scoresmooth_jax.bench.memory import probe_memory_in_subprocess
 from scoresmooth_jax.bench.workbench import Case, Workbench
@@ -58,51 +58,6 @@ def _target(name: str, value, note: str = "") -> dict:
     met = bool(abs(value - 1.0) <= threshold)
   return {"value": value, "target": f"{op} {threshold}" if op != "within" else f"within {threshold:.0%} of 1",
           "met": met, "note": note}
-
-
-def _labels_agreement(reference: Callable, other: Callable, images, nz: noise.Noise, draws: int, batch: int,
-                      key: jax.Array) -> dict:
-  """Fraction of identical top-1 labels of two classifiers on the same noisy copies of each image."""
-  pair = jax.jit(lambda x: (jnp.argmax(reference(x), -1), jnp.argmax(other(x), -1)))
-  same = total = 0
-  majority = []
-  for i, image in enumerate(images):
-    labels = []
-    for b in range(-(-draws // batch)):
-      eps = nz.sample(jax.random.fold_in(jax.random.fold_in(key, i), b), (batch, *image.shape))
-      a, o = pair(jnp.asarray(image)[None] + eps)
-      a, o = np.asarray(a), np.asarray(o)
-      same += int((a == o).sum())
-      total += a.size
-      labels.append(a)
-    labels = np.concatenate(labels)
-    majority.append(float(np.bincount(labels).max() / labels.size))
-  return {"agreement": same / total, "samples": total, "mean_top_class_fraction": float(np.mean(majority))}
-
-
-def _fixture_agreement(config: BenchmarkConfig, nz: noise.Noise, log) -> dict | None:
-  """bfloat16 vs float32 label agreement of the trained ResNet-20 fixture on real CIFAR-10 test images."""
-  if not config.fixtures_dir:
-    return None
-  from scoresmooth_jax import convert  # pylint: disable=import-outside-toplevel
-
-  directory = os.path.expanduser(config.fixtures_dir)
-  checkpoint = os.path.join(directory, "resnet20-12fca82f.th")
-  data = os.path.join(directory, "cifar10_test_first1017.npz")
-  if not (os.path.isfile(checkpoint) and os.path.isfile(data)):
-    log(f"fixtures not found in {directory}: skipping the trained ResNet-20 agreement")
-    return None
-  try:
-    clf = convert.convert_torch_checkpoint(checkpoint).to_classifier().folded()
-  except ImportError as err:
-    log(f"skipping the trained ResNet-20 agreement: {err}")
-    return None
-  with np.load(data, allow_pickle=False) as arrays:
-    images = arrays["images"][:config.agreement_images * 4].astype(np.float32) / 255.0
-  bf16 = dataclasses.replace(clf, compute_dtype=jnp.bfloat16)
-  result = _labels_agreement(clf, bf16, images, nz, config.agreement_draws, min(config.agreement_draws, 128),
-                             jax.random.key(config.seed + 5))
-  return {"classifier": "akamaster ResNet-20 (trained), BN folded", "images": len(images), **result}
 
 
 VARIANT_LABELS = {"f32": "float32", "f32_folded": "float32, BN folded", "bf16_folded": "bfloat16, BN folded"}
@@ -289,12 +244,12 @@ def _agreement_section(res: _Results) -> None:
   weights = "random weights with calibrated BatchNorm" if cfg.calibrate else "random weights (uncalibrated)"
   agreement["random_resnet"] = {
       "classifier": f"ResNet-{cfg.depth}, {weights}, BN folded", "images": len(images),
-      **_labels_agreement(bench.classifier("f32_folded"), bench.classifier("bf16_folded"), images, bench.nz,
+      **labels_agreement(bench.classifier("f32_folded"), bench.classifier("bf16_folded"), images, bench.nz,
                           cfg.agreement_draws, batch, jax.random.key(cfg.seed))}
-  agreement["folded_vs_unfolded"] = _labels_agreement(bench.classifier("f32"), bench.classifier("f32_folded"),
+  agreement["folded_vs_unfolded"] = labels_agreement(bench.classifier("f32"), bench.classifier("f32_folded"),
                                                       images[:1], bench.nz, cfg.agreement_draws, batch,
                                                       jax.random.key(cfg.seed))
-  fixture = _fixture_agreement(cfg, bench.nz, res.log)
+  fixture = fixture_agreement(cfg, bench.nz, res.log)
   if fixture is not None:
     agreement["trained_resnet20"] = fixture
   primary = agreement.get("trained_resnet20", agreement["random_resnet"])
