@@ -45,7 +45,7 @@ def test_folded_conv_is_nn_conv_with_its_bias_apart(features, size, stride):
   x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3))
   pad = size // 2
   reference = nn.Conv(features, (size, size), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                      use_bias=True, kernel_init=resnet._KERNEL_INIT)  # what _conv_bn(fold_bn=True) builds
+                      use_bias=True, kernel_init=resnet._KERNEL_INIT)  # what folded ResNets were built with before
   folded = resnet.FoldedConv(features, size, stride)
   variables = folded.init(jax.random.key(1), x)
   assert jax.tree.map(np.shape, variables) == jax.tree.map(np.shape, reference.init(jax.random.key(1), x))

@@ -57,11 +57,11 @@ def _batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
                       name=name)
 
 
-def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str, use_bias: bool = False) -> nn.Conv:
+def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
   # PyTorch pads k // 2 on every side; Flax "SAME" would pad (0, 1) for stride 2 on even sizes.
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                 use_bias=use_bias, dtype=dtype, kernel_init=_KERNEL_INIT, name=name)
+                 use_bias=False, dtype=dtype, kernel_init=_KERNEL_INIT, name=name)
 
 
 def _bn_name(conv_name: str) -> str:
@@ -72,7 +72,8 @@ def _bn_name(conv_name: str) -> str:
 def _conv_bn(x, features: int, kernel: int, stride: int, dtype: Any, name: str, train: bool, fold_bn: bool):
   """Convolution ``name`` followed by its BatchNorm, or (``fold_bn``) one convolution with a bias instead."""
   if fold_bn:
-    return _conv(features, kernel, stride, dtype, name, use_bias=True)(x)
+    y, bias = FoldedConv(features, kernel, stride, dtype, name=name)(x)
+    return y + bias
   return _batch_norm(train, dtype, _bn_name(name))(_conv(features, kernel, stride, dtype, name)(x))
 
 
