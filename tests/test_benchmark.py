@@ -189,12 +189,18 @@ def test_benchmark_runs_end_to_end_in_tiny_mode(tmp_path):
     assert rows["sweep.jax.f32_folded.8"]["batch_size"] == 8
     assert rows["sweep.torch.8"]["batch_size"] == 8 * jax.device_count()  # PyTorch runs the whole batch
     assert rows["sweep.jax.f32_folded.8"]["ratio_to"] == "sweep.torch.8"
+    # Each target says what XLA compiled the classifier's convolutions to (bfloat16 may run in float32).
+    for name, v in (("jax_float32_vs_torch", "f32_folded"), ("jax_bfloat16_vs_torch", "bf16_folded")):
+      assert loaded["targets"][name]["note"].endswith(
+          "compiled " + bench.precision.describe(rows[f"a.{v}"]["compute_types"]))
   except ImportError:
     pass
   for row_id in timed:
     row = rows[row_id]
     assert row["samples_per_s"] > 0 and row["flops_per_sample"] > 0, row
     assert row["achieved_flops_per_s"] == pytest.approx(row["samples_per_s"] * row["flops_per_sample"])
+  for v in config.classifier_variants:  # every convolution of the depth-8 ResNet (7 + 2 shortcuts) is counted
+    assert sum(rows[f"a.{v}"]["compute_types"]["convolution"].values()) == 9, rows[f"a.{v}"]
   timed_parts = [f"parts.jax.{p}" for p in stages.PARTS]
   if "torch.f32" in timed:
     timed_parts += [f"parts.torch.{p}" for p in stages.PARTS]

@@ -28,6 +28,9 @@ How it measures, and why:
     (max - min) / median. The machine may be shared, and interleaving keeps ratios fair while speed drifts.
   * FLOPs: XLA's cost analysis of the compiled single-batch program (per device). XLA counts a loop's body once,
     so looping rows (sample_counts, annealed, PyTorch) take the FLOPs of their single-batch parts.
+  * Precision: each forward row counts its compiled program's convolutions and dots by the element type they
+    multiply in (``precision.compute_types``, in ``compute_types``), and the JAX / PyTorch targets' notes say it:
+    asking for bfloat16 does not make XLA keep it (on CPU, jaxlib 0.10 runs bfloat16 convolutions in float32).
   * Peak memory: each configuration runs again in a fresh subprocess, so no earlier row's buffers or caches
     count. Accelerators: ``memory_stats()["peak_bytes_in_use"]``. CPU (where memory_stats is None): the peak RSS
     (VmHWM) of the measured call, after compilation and one warm-up call, with the high-water mark reset through
@@ -38,9 +41,11 @@ How it measures, and why:
 
 # The modules: ``config`` (what to run), ``measure`` (timing and XLA cost), ``memory`` (peak memory, in a
 # subprocess), ``workbench`` (models with random weights and the timed cases), ``environment`` (backend and CPU),
-# ``stages`` (the ResNet cut into parts), ``agreement`` (bfloat16 vs float32 labels), ``sections`` (the rows and
-# ``run_benchmark``), ``report`` (Markdown and JSON).
+# ``stages`` (the ResNet cut into parts), ``agreement`` (bfloat16 vs float32 labels), ``precision`` (the element
+# types XLA compiled the convolutions and dots to), ``sections`` (the rows and ``run_benchmark``), ``report``
+# (Markdown and JSON).
 
+from scoresmooth_jax.bench import precision
 from scoresmooth_jax.bench.config import MIB, TARGETS, BenchmarkConfig, tiny_config
 from scoresmooth_jax.bench.environment import cpu_features, environment, xla_cpu_threads
 from scoresmooth_jax.bench.measure import UNCONTENDED_CORES, Timing, interleaved
@@ -50,7 +55,7 @@ from scoresmooth_jax.bench.sections import VARIANT_LABELS, run_benchmark
 from scoresmooth_jax.bench.workbench import Case, Workbench, calibrate_classifier, random_variables
 from scoresmooth_jax.xla_cpu import RECOMMENDED_CPU_XLA_FLAGS  # the flags every CPU script runs with
 
-__all__ = ["MIB", "RECOMMENDED_CPU_XLA_FLAGS", "TARGETS", "BenchmarkConfig", "tiny_config", "cpu_features",
+__all__ = ["precision", "MIB", "RECOMMENDED_CPU_XLA_FLAGS", "TARGETS", "BenchmarkConfig", "tiny_config", "cpu_features",
            "environment", "xla_cpu_threads", "UNCONTENDED_CORES", "Timing", "interleaved", "measure_peak_memory",
            "probe_memory_in_subprocess", "markdown_table", "write_json", "VARIANT_LABELS", "run_benchmark", "Case",
            "Workbench", "calibrate_classifier", "random_variables"]

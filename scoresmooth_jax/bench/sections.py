@@ -17,7 +17,7 @@ import numpy as np
 from scoresmooth_jax import batching, smoothing, torch_baseline
 from scoresmooth_jax.bench.config import MIB, TARGETS, BenchmarkConfig
 from scoresmooth_jax.bench.environment import environment, xla_cpu_threads
-from scoresmooth_jax.bench import stages
+from scoresmooth_jax.bench import precision, stages
 from scoresmooth_jax.bench.agreement import fixture_agreement, labels_agreement
 from scoresmooth_jax.bench.measure import UNCONTENDED_CORES, Timing, _flops, _median, _spread, interleaved
 from scoresmooth_jax.bench.memory import probe_memory_in_subprocess
@@ -30,7 +30,7 @@ def _row(row_id: str, description: str, case: Case | None, timing: Timing | None
          "achieved_flops_per_s": None, "compile_seconds": None, "xla_memory_bytes": None,
          "peak_memory_growth_bytes": None, "peak_memory_bytes": None, "memory_method": None, "ratio": None,
          "ratio_to": None, "best_samples_per_s": None, "contention_cores": None, "uncontended_samples_per_s": None,
-         "uncontended_repeats": None, "note": ""}
+         "uncontended_repeats": None, "compute_types": None, "note": ""}
   if case is not None and timing is not None:
     seconds, others = timing.seconds[name or row_id], timing.others_cores[name or row_id]
     rate = case.samples / _median(seconds)
@@ -41,7 +41,7 @@ def _row(row_id: str, description: str, case: Case | None, timing: Timing | None
                best_samples_per_s=case.samples / min(seconds),
                spread=_spread(seconds), flops_per_sample=case.flops_per_sample, flops_source=case.flops_source,
                achieved_flops_per_s=rate * case.flops_per_sample, compile_seconds=case.compile_seconds,
-               xla_memory_bytes=case.xla_bytes)
+               xla_memory_bytes=case.xla_bytes, compute_types=case.compute_types)
   row.update(extra)
   return row
 
@@ -165,6 +165,8 @@ def _torch_section(res: _Results) -> None:
             f"B={torch_top['batch_size']}), {which}; at equal batch size: {at_equal}")
     if v == "f32_folded" and "f32" in jax_rows:
       note += f"; unfolded float32 at B={cfg.batch_size}: {jax_rows['f32']['ratio']:.2f}"
+    # What XLA really multiplies in: on CPU a bfloat16 network's convolutions run in float32 (bench.precision).
+    note += f"; compiled {precision.describe(bench.case(f'a.{v}').compute_types)}"
     res.targets[name] = _target(name, jax_top[key] / torch_top[key], note)
 
 

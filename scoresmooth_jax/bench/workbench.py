@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from scoresmooth_jax import classifier as classifier_lib
 from scoresmooth_jax import denoise, export, losses, noise, sharding, smoothing, train_state, torch_baseline
+from scoresmooth_jax.bench import precision
 from scoresmooth_jax.bench.config import BenchmarkConfig
 from scoresmooth_jax.bench.environment import xla_cpu_threads
 from scoresmooth_jax.bench.measure import _flops, _xla_bytes
@@ -80,6 +81,7 @@ class Case:
   flops_source: str
   xla_bytes: int | None = None
   compile_seconds: float | None = None
+  compute_types: dict | None = None  # the compiled convolutions and dots by operand type (bench.precision)
 
 
 class Workbench:
@@ -231,7 +233,8 @@ class Workbench:
 
     return Case(run=run, warmup=lambda: compiled(x), samples=calls * batch_size * self.devices,
                 batch_size=batch_size, flops_per_sample=_flops(compiled) / batch_size,
-                flops_source="XLA cost analysis", xla_bytes=_xla_bytes(compiled), compile_seconds=seconds)
+                flops_source="XLA cost analysis", xla_bytes=_xla_bytes(compiled), compile_seconds=seconds,
+                compute_types=precision.compute_types(compiled.as_text()))
 
   def _counts_case(self, fn, batch_size: int, num_per_device: int, flops_per_sample: float,
                    image=None, num_classes: int | None = None, source: str = "forward's XLA cost") -> Case:

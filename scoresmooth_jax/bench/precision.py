@@ -1,0 +1,59 @@
+"""The element types a compiled program really multiplies in: XLA may run a bfloat16 convolution in float32.
+
+A network asked to compute in bfloat16 is only as fast as the kernels XLA gives it. On CPU, jaxlib 0.10 converts
+the operands of every bfloat16 convolution to float32 before handing it to YNNPACK (its float-normalisation pass
+keeps bfloat16 only for matrix products), so a bfloat16 ResNet runs at the float32 rate there. The benchmark
+reads this off the compiled program, so that a bfloat16 row says why it is or is not faster.
+
+Promises:
+  * ``compute_types(hlo_text)`` counts the ``convolution`` and ``dot`` instructions of an optimised HLO module's
+    text (``compiled.as_text()``), fused computations included, by the element types of their two operands:
+    ``{"convolution": {"f32": 110}, "dot": {"bf16": 1}}``; mixed operands count as e.g. ``"bf16,f32"``. An
+    operand whose definition is not in the text counts as ``"?"``.
+  * ``describe(types)`` is that count in words, e.g. ``"convolutions: 110 f32; dots: 1 bf16"``.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+_OPCODES = ("convolution", "dot")
+# "%name = f32[64,8,8,64]{3,2,1,0} opcode(...)", optionally after "ROOT"; scalars and tuples differ only after "[".
+_DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\w+)[\[(]")
+# The right-hand side: result type, shape and layout, then the opcode (layouts hold no nested braces).
+_OPERATION = re.compile(r"^\s*\w+\[[^\]]*\](?:\{[^}]*\})?\s+(" + "|".join(_OPCODES) + r")\(")
+_NAME = re.compile(r"%([\w.\-]+)")
+
+
+def compute_types(hlo_text: str) -> dict[str, dict[str, int]]:
+  """Counts of the convolutions and dots in ``hlo_text`` by their operands' element types (see the module doc)."""
+  lines = hlo_text.splitlines()
+  defined = {}
+  for line in lines:
+    match = _DEFINITION.match(line)
+    if match:
+      defined[match.group(1)] = match.group(2)
+  counts = {opcode: collections.Counter() for opcode in _OPCODES}
+  for line in lines:
+    if not _DEFINITION.match(line):
+      continue
+    rhs = line.split("=", 1)[1]
+    operation = _OPERATION.match(rhs)
+    if operation is None:
+      continue
+    # Convolutions and dots have exactly two operands, the first two names after the opening parenthesis; the
+    # attributes after them (window, dim_labels, metadata) name no instruction.
+    after = rhs[operation.end():]
+    operands = [defined.get(name, "?") for name in _NAME.findall(after)[:2]]
+    counts[operation.group(1)][",".join(sorted(set(operands)))] += 1
+  return {opcode: dict(sorted(found.items())) for opcode, found in counts.items()}
+
+
+def describe(types: dict[str, dict[str, int]]) -> str:
+  """``compute_types``'s count in words, e.g. "convolutions: 110 f32; dots: 1 bf16" (empty kinds left out)."""
+  parts = []
+  for opcode, found in types.items():
+    if found:
+      parts.append(f"{opcode}s: " + ", ".join(f"{count} {dtype}" for dtype, count in found.items()))
+  return "; ".join(parts) if parts else "no convolutions or dots"
