@@ -55,7 +55,7 @@ from scoresmooth_jax.bench.sections import VARIANT_LABELS, run_benchmark
 from scoresmooth_jax.bench.workbench import Case, Workbench, calibrate_classifier, random_variables
 from scoresmooth_jax.xla_cpu import RECOMMENDED_CPU_XLA_FLAGS  # the flags every CPU script runs with
 
-__all__ = ["precision", "MIB", "RECOMMENDED_CPU_XLA_FLAGS", "TARGETS", "BenchmarkConfig", "tiny_config", "cpu_features",
-           "environment", "xla_cpu_threads", "UNCONTENDED_CORES", "Timing", "interleaved", "measure_peak_memory",
-           "probe_memory_in_subprocess", "markdown_table", "write_json", "VARIANT_LABELS", "run_benchmark", "Case",
-           "Workbench", "calibrate_classifier", "random_variables"]
+__all__ = ["precision", "MIB", "RECOMMENDED_CPU_XLA_FLAGS", "TARGETS", "BenchmarkConfig", "tiny_config",
+           "cpu_features", "environment", "xla_cpu_threads", "UNCONTENDED_CORES", "Timing", "interleaved",
+           "measure_peak_memory", "probe_memory_in_subprocess", "markdown_table", "write_json", "VARIANT_LABELS",
+           "run_benchmark", "Case", "Workbench", "calibrate_classifier", "random_variables"]

@@ -1,16 +1,16 @@
 """The element types a compiled program really multiplies in: XLA may run a bfloat16 convolution in float32.
 
 A network asked to compute in bfloat16 is only as fast as the kernels XLA gives it. On CPU, jaxlib 0.10 converts
-the operands of every bfloat16 convolution to float32 before handing it to YNNPACK (its float-normalisation pass
-keeps bfloat16 only for matrix products), so a bfloat16 ResNet runs at the float32 rate there. The benchmark
-reads this off the compiled program, so that a bfloat16 row says why it is or is not faster.
+the operands of every bfloat16 convolution to float32 before handing it to YNNPACK (it keeps bfloat16 only for
+matrix products), so a bfloat16 ResNet runs at the float32 rate there. The benchmark reads this off the compiled
+program, so that a bfloat16 row says why it is or is not faster.
 
 Promises:
   * ``compute_types(hlo_text)`` counts the ``convolution`` and ``dot`` instructions of an optimised HLO module's
     text (``compiled.as_text()``), fused computations included, by the element types of their two operands:
-    ``{"convolution": {"f32": 110}, "dot": {"bf16": 1}}``; mixed operands count as e.g. ``"bf16,f32"``. An
+    ``{"convolution": {"f32": 111}, "dot": {"bf16": 1}}``; mixed operands count as e.g. ``"bf16,f32"``. An
     operand whose definition is not in the text counts as ``"?"``.
-  * ``describe(types)`` is that count in words, e.g. ``"convolutions: 110 f32; dots: 1 bf16"``.
+  * ``describe(types)`` is that count in words, e.g. ``"convolutions: 111 f32; dots: 1 bf16"``.
 """
 
 from __future__ import annotations
@@ -28,30 +28,26 @@ _NAME = re.compile(r"%([\w.\-]+)")
 
 def compute_types(hlo_text: str) -> dict[str, dict[str, int]]:
   """Counts of the convolutions and dots in ``hlo_text`` by their operands' element types (see the module doc)."""
-  lines = hlo_text.splitlines()
-  defined = {}
-  for line in lines:
-    match = _DEFINITION.match(line)
-    if match:
-      defined[match.group(1)] = match.group(2)
-  counts = {opcode: collections.Counter() for opcode in _OPCODES}
-  for line in lines:
-    if not _DEFINITION.match(line):
+  defined, operations = {}, []
+  for line in hlo_text.splitlines():
+    definition = _DEFINITION.match(line)
+    if definition is None:
       continue
-    rhs = line.split("=", 1)[1]
+    defined[definition.group(1)] = definition.group(2)
+    rhs = line[definition.end(1):].split("=", 1)[1]
     operation = _OPERATION.match(rhs)
-    if operation is None:
-      continue
-    # Convolutions and dots have exactly two operands, the first two names after the opening parenthesis; the
-    # attributes after them (window, dim_labels, metadata) name no instruction.
-    after = rhs[operation.end():]
-    operands = [defined.get(name, "?") for name in _NAME.findall(after)[:2]]
-    counts[operation.group(1)][",".join(sorted(set(operands)))] += 1
+    if operation is not None:
+      # Convolutions and dots have exactly two operands, the first two names after the opening parenthesis; the
+      # attributes after them (window, dim_labels, metadata) name no instruction.
+      operations.append((operation.group(1), _NAME.findall(rhs[operation.end():])[:2]))
+  counts = {opcode: collections.Counter() for opcode in _OPCODES}
+  for opcode, names in operations:  # operands may be defined further down (fused computations come first)
+    counts[opcode][",".join(sorted({defined.get(name, "?") for name in names}))] += 1
   return {opcode: dict(sorted(found.items())) for opcode, found in counts.items()}
 
 
 def describe(types: dict[str, dict[str, int]]) -> str:
-  """``compute_types``'s count in words, e.g. "convolutions: 110 f32; dots: 1 bf16" (empty kinds left out)."""
+  """``compute_types``'s count in words, e.g. "convolutions: 111 f32; dots: 1 bf16" (empty kinds left out)."""
   parts = []
   for opcode, found in types.items():
     if found:
