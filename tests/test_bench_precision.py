@@ -42,6 +42,27 @@ def test_counts_convolutions_and_dots_by_operand_type_in_hand_written_hlo():
   assert precision.describe(precision.compute_types("HloModule empty")) == "no convolutions or dots"
 
 
+_GPU_HLO = """\
+ENTRY %main (p0: bf16[8,32,32,3], p1: bf16[3,3,3,16], p2: bf16[16,10]) -> bf16[8,10] {
+  %p0 = bf16[8,32,32,3]{3,2,1,0} parameter(0)
+  %p1 = bf16[3,3,3,16]{3,2,1,0} parameter(1)
+  %cudnn-conv.1 = (bf16[8,32,32,16]{3,2,1,0}, u8[0]{0}) custom-call(%p0, %p1), window={size=3x3 pad=1_1x1_1}, \
+dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convForward"
+  %get-tuple-element.2 = bf16[8,32,32,16]{3,2,1,0} get-tuple-element(%cudnn-conv.1), index=0
+  %bitcast.3 = bf16[8,16384]{1,0} bitcast(%get-tuple-element.2)
+  %p2 = bf16[16,10]{1,0} parameter(2)
+  %custom-call.4 = (f32[8,10]{1,0}, s8[4]{0}) custom-call(%bitcast.3, %p2), custom_call_target="__cublas$gemm"
+  %sharding.5 = bf16[8,10]{1,0} custom-call(%p2), custom_call_target="Sharding"
+  ROOT %convert.6 = bf16[8,10]{1,0} convert(%get-tuple-element.7)
+}
+"""
+
+
+def test_counts_library_calls_that_are_convolutions_or_gemms():
+  # cuDNN and cuBLAS calls return a tuple (result, scratch); other custom calls are neither.
+  assert precision.compute_types(_GPU_HLO) == {"convolution": {"bf16": 1}, "dot": {"bf16": 1}}
+
+
 def test_an_operand_defined_outside_the_text_counts_as_unknown():
   line = "  %dot.1 = f32[2,2]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}"
   assert precision.compute_types(line) == {"convolution": {}, "dot": {"?": 1}}
