@@ -247,10 +247,10 @@ def _agreement_section(res: _Results) -> None:
   agreement["random_resnet"] = {
       "classifier": f"ResNet-{cfg.depth}, {weights}, BN folded", "images": len(images),
       **labels_agreement(bench.classifier("f32_folded"), bench.classifier("bf16_folded"), images, bench.nz,
-                          cfg.agreement_draws, batch, jax.random.key(cfg.seed))}
+                         cfg.agreement_draws, batch, jax.random.key(cfg.seed))}
   agreement["folded_vs_unfolded"] = labels_agreement(bench.classifier("f32"), bench.classifier("f32_folded"),
-                                                      images[:1], bench.nz, cfg.agreement_draws, batch,
-                                                      jax.random.key(cfg.seed))
+                                                     images[:1], bench.nz, cfg.agreement_draws, batch,
+                                                     jax.random.key(cfg.seed))
   fixture = fixture_agreement(cfg, bench.nz, res.log)
   if fixture is not None:
     agreement["trained_resnet20"] = fixture

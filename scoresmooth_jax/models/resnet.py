@@ -91,6 +91,14 @@ def relu_of_sum(u: jax.Array, v: jax.Array) -> jax.Array:
   return jnp.maximum(u, -v) + v
 
 
+def _conv_bn_relu(x, features: int, kernel: int, stride: int, dtype: Any, name: str, train: bool, fold_bn: bool):
+  """relu(``_conv_bn``(...)). Folded, the ReLU takes the convolution's own bias as its threshold
+  (``relu_of_sum``), so XLA:CPU fuses it; the trainable network keeps ``nn.relu`` (see ``_residual_relu``)."""
+  if fold_bn:
+    return relu_of_sum(*FoldedConv(features, kernel, stride, dtype, name=name)(x))
+  return nn.relu(_conv_bn(x, features, kernel, stride, dtype, name, train, fold_bn=False))
+
+
 def _residual_relu(y: jax.Array, shortcut: jax.Array, fold_bn: bool) -> jax.Array:
   """A residual block's output ReLU: ``relu_of_sum`` in the folded (inference-only) network. The trainable network
   keeps ``nn.relu``, so its gradients stay exactly relu's (derivative 0 at 0, where max's would split a tie)."""
@@ -202,10 +210,7 @@ class CifarBasicBlock(nn.Module):
       return self._paired(x, train)
     in_features = x.shape[-1]
     conv_bn = functools.partial(_conv_bn, dtype=self.dtype, train=train, fold_bn=self.fold_bn)
-    if self.fold_bn:
-      y = relu_of_sum(*FoldedConv(self.features, 3, self.stride, self.dtype, name="conv1")(x))
-    else:
-      y = nn.relu(conv_bn(x, self.features, 3, self.stride, name="conv1"))
+    y = _conv_bn_relu(x, self.features, 3, self.stride, self.dtype, "conv1", train, self.fold_bn)
     y = conv_bn(y, self.features, 3, 1, name="conv2")
     if self.stride != 1 or in_features != self.features:
       if self.shortcut == "A":
@@ -240,9 +245,7 @@ def cifar_stem(width: int, dtype: Any, paired: bool, train: bool = False, fold_b
   ``paired``, images in and the aligned column pairs of the first stage out (folded networks only)."""
   if paired:
     return lambda x: relu_of_sum(*PairedConv(width, pairs.SAME, dtype, name="conv1")(pairs.pair_columns(x)))
-  if fold_bn:
-    return lambda x: relu_of_sum(*FoldedConv(width, 3, 1, dtype, name="conv1")(x))
-  return lambda x: nn.relu(_conv_bn(x, width, 3, 1, dtype, "conv1", train, fold_bn))
+  return lambda x: _conv_bn_relu(x, width, 3, 1, dtype, "conv1", train, fold_bn)
 
 
 class CifarResNet(nn.Module):
@@ -312,12 +315,9 @@ class Bottleneck(nn.Module):
   def __call__(self, x, train: bool = False):
     out_features = self.features * self.expansion
     conv_bn = functools.partial(_conv_bn, dtype=self.dtype, train=train, fold_bn=self.fold_bn)
-    if self.fold_bn:
-      y = relu_of_sum(*FoldedConv(self.features, 1, 1, self.dtype, name="conv1")(x))
-      y = relu_of_sum(*FoldedConv(self.features, 3, self.stride, self.dtype, name="conv2")(y))
-    else:
-      y = nn.relu(conv_bn(x, self.features, 1, 1, name="conv1"))
-      y = nn.relu(conv_bn(y, self.features, 3, self.stride, name="conv2"))
+    conv_bn_relu = functools.partial(_conv_bn_relu, dtype=self.dtype, train=train, fold_bn=self.fold_bn)
+    y = conv_bn_relu(x, self.features, 1, 1, name="conv1")
+    y = conv_bn_relu(y, self.features, 3, self.stride, name="conv2")
     y = conv_bn(y, out_features, 1, 1, name="conv3")
     if self.stride != 1 or x.shape[-1] != out_features:
       x = conv_bn(x, out_features, 1, self.stride, name="downsample_conv")
@@ -345,10 +345,7 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet(stage_sizes={self.stage_sizes!r}): give four positive block counts, e.g. "
                        "(3, 4, 6, 3) for ResNet-50.")
     _check_fold(self.fold_bn, train, "ResNet")
-    if self.fold_bn:
-      y = relu_of_sum(*FoldedConv(64, 7, 2, self.dtype, name="conv1")(x))
-    else:
-      y = nn.relu(_conv_bn(x, 64, 7, 2, self.dtype, "conv1", train, fold_bn=False))
+    y = _conv_bn_relu(x, 64, 7, 2, self.dtype, "conv1", train, self.fold_bn)
     # PyTorch's MaxPool2d(3, 2, padding=1) pads with -inf, as reduce_window's max does here.
     y = nn.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, blocks in enumerate(self.stage_sizes):
