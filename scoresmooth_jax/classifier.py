@@ -18,8 +18,10 @@ Promises:
     folded into the convolution before it (``models.resnet.fold_batchnorm``): logits equal the unfolded ones up to
     float rounding (~1e-6 relative in float32) and a bias add replaces BatchNorm's scale and shift after every
     convolution. The folded function is the one a certificate is then about; fold before certifying, not in
-    between. On CPU a CIFAR ResNet whose first stage has 9-16 channels also runs that stage on column pairs
-    (``models.column_pairs``), the same function by another summation order, about 1.3x faster there.
+    between. On CPU the folded network runs its convolutions on XLA:CPU's oneDNN kernel with the bias, residual
+    add and ReLU fused (``models.onednn_conv``: bfloat16 stays bfloat16 there) where ``onednn_conv.available``
+    says it can; elsewhere on CPU a CIFAR ResNet whose first stage has 9-16 channels runs that stage on column
+    pairs (``models.column_pairs``). Both compute the same function by another summation order.
   * ``export_classifier`` / ``load_classifier`` are the one on-disk format (``scoresmooth_jax.checkpoint`` export
     with ``"kind": "classifier"``) that training code and the PyTorch converter both write; loading restores the
     arrays bit for bit.
@@ -40,6 +42,7 @@ from scoresmooth_jax import checkpoint
 from scoresmooth_jax import models
 from scoresmooth_jax import sharding
 from scoresmooth_jax.models import column_pairs
+from scoresmooth_jax.models import onednn_conv
 from scoresmooth_jax.models import resnet
 
 KIND = "classifier"
@@ -170,7 +173,7 @@ class Classifier:
     """Whether ``folded()`` applies: the network is one of our ResNets, whose BatchNorms follow convolutions."""
     return isinstance(self.module, (resnet.CifarResNet, resnet.ResNet))
 
-  def folded(self, backend: str | None = None) -> "Classifier":
+  def folded(self, backend: str | None = None, conv_impl: str | None = None) -> "Classifier":
     """This classifier with BatchNorm folded into the convolutions: the same logits, cheaper to evaluate.
 
     A new ``Classifier`` (a new identity, so ``smoothing`` compiles it once on its own) whose module is built
@@ -178,16 +181,24 @@ class Classifier:
     the compute dtype and metadata. A classifier that is already folded is returned as it is.
 
     Args:
-      backend: the JAX backend the classifier will run on (default: ``jax.default_backend()``). On "cpu" a
-        ``CifarResNet`` whose first stage ``column_pairs.pays_off`` is also built with ``column_pairs=True``.
+      backend: the JAX backend the classifier will run on (default: ``jax.default_backend()``).
+      conv_impl: "xla" or "onednn" (``resnet.CONV_IMPLS``); by default "onednn" where
+        ``onednn_conv.available(compute dtype, backend)``, else "xla". With "xla" on "cpu", a ``CifarResNet`` whose
+        first stage ``column_pairs.pays_off`` is also built with ``column_pairs=True``.
     """
     if self.batchnorm_folded:
       return self
     if not self.foldable:
       raise ValueError(f"folding BatchNorm needs a ResNet from scoresmooth_jax.models.resnet (CifarResNet or "
                        f"ResNet); this classifier's module is {type(self.module).__name__}. Use it unfolded.")
-    paired = isinstance(self.module, resnet.CifarResNet) and column_pairs.pays_off(self.module.width, backend)
-    module = self.module.clone(fold_bn=True, **({"column_pairs": True} if paired else {}))
+    if conv_impl is None:
+      conv_impl = "onednn" if onednn_conv.available(self.module.dtype, backend) else "xla"
+    elif conv_impl not in resnet.CONV_IMPLS:
+      raise ValueError(f"folded(conv_impl={conv_impl!r}): choose one of {resnet.CONV_IMPLS}, or None to choose "
+                       "by backend.")
+    paired = (conv_impl == "xla" and isinstance(self.module, resnet.CifarResNet)
+              and column_pairs.pays_off(self.module.width, backend))
+    module = self.module.clone(fold_bn=True, conv_impl=conv_impl, **({"column_pairs": True} if paired else {}))
     return dataclasses.replace(self, module=module,
                                variables=jax.tree.map(jnp.asarray, resnet.fold_batchnorm(self.variables)),
                                metadata={**self.metadata, "batchnorm_folded": True})

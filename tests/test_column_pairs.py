@@ -136,14 +136,16 @@ def _random_classifier(width, shape=(8, 8, 3)):
                                std=(0.25,) * 3, num_classes=10, image_shape=shape)
 
 
-def test_folding_chooses_pairs_on_cpu_for_narrow_cifar_resnets():
+def test_folding_with_xla_convolutions_chooses_pairs_on_cpu_for_narrow_cifar_resnets():
   clf = _random_classifier(width=16)
-  on_cpu, on_gpu = clf.folded(backend="cpu"), clf.folded(backend="gpu")
+  on_cpu, on_gpu = clf.folded(backend="cpu", conv_impl="xla"), clf.folded(backend="gpu")
   assert on_cpu.module.column_pairs and on_cpu.batchnorm_folded
-  assert not on_gpu.module.column_pairs and on_gpu.batchnorm_folded
-  assert not _random_classifier(width=32).folded(backend="cpu").module.column_pairs
+  assert not on_gpu.module.column_pairs and on_gpu.batchnorm_folded and on_gpu.module.conv_impl == "xla"
+  assert not _random_classifier(width=32).folded(backend="cpu", conv_impl="xla").module.column_pairs
+  # oneDNN convolutions take 16 channels at full speed: no pairs with them.
+  assert not clf.folded(backend="cpu", conv_impl="onednn").module.column_pairs
   # The default backend of these tests is CPU; the compute dtype survives, and keeps the pairs.
-  bf16 = dataclasses.replace(clf.folded(), compute_dtype=jnp.bfloat16)
+  bf16 = dataclasses.replace(clf.folded(conv_impl="xla"), compute_dtype=jnp.bfloat16)
   assert bf16.module.column_pairs and bf16.module.dtype == jnp.bfloat16
   images = jnp.asarray(np.random.default_rng(3).uniform(size=(8, 8, 8, 3)).astype(np.float32))
   want = np.asarray(jax.jit(on_gpu)(images))
@@ -158,7 +160,7 @@ def test_real_resnet20_keeps_its_accuracy_when_folded_onto_column_pairs(fixtures
   with np.load(fixtures_dir / "cifar10_test_first1017.npz", allow_pickle=False) as data:
     images, labels = data["images"].astype(np.float32) / 255.0, data["labels"]
   reference = np.load(fixtures_dir / "resnet20_logits_first1017.npy", allow_pickle=False)
-  clf = convert.convert_torch_checkpoint(fixtures_dir / "resnet20-12fca82f.th").to_classifier().folded("cpu")
+  clf = convert.convert_torch_checkpoint(fixtures_dir / "resnet20-12fca82f.th").to_classifier().folded("cpu", conv_impl="xla")
   assert clf.module.column_pairs and clf.batchnorm_folded
   logits = np.asarray(jax.jit(clf)(images))
   assert int((logits.argmax(-1) == labels).sum()) == 932  # PyTorch's count on these images

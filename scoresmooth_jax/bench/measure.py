@@ -14,6 +14,9 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from scoresmooth_jax.bench import library_flops
+
+
 def _block(out):
   return jax.block_until_ready(out) if any(isinstance(x, jax.Array) for x in jax.tree.leaves(out)) else out
 
@@ -77,7 +80,9 @@ def _cost(compiled) -> dict:
 
 
 def _flops(compiled) -> float:
-  return float(_cost(compiled).get("flops", float("nan")))
+  """XLA's cost-analysis FLOPs plus those of the oneDNN convolutions it cannot see (``library_flops``)."""
+  flops = float(_cost(compiled).get("flops", float("nan")))
+  return flops + library_flops.onednn_convolution_flops(compiled.as_text())
 
 
 def _xla_bytes(compiled) -> int | None:

@@ -32,10 +32,11 @@ class _Stem(nn.Module):
   width: int
   dtype: Any
   paired: bool
+  conv_impl: str
 
   @nn.compact
   def __call__(self, x):
-    return resnet.cifar_stem(self.width, self.dtype, self.paired)(x.astype(self.dtype))
+    return resnet.cifar_stem(self.width, self.dtype, self.paired, impl=self.conv_impl)(x.astype(self.dtype))
 
 
 def jax_parts(clf: classifier_lib.Classifier) -> dict[str, Callable]:
@@ -51,14 +52,14 @@ def jax_parts(clf: classifier_lib.Classifier) -> dict[str, Callable]:
   paired = resnet.first_stage_paired(module, clf.image_shape[1])  # then layer1 takes and returns column pairs
 
   def stem(x):
-    return _Stem(module.width, dtype, paired).apply({"params": {"conv1": params["conv1"]}}, (x - mean) / std)
+    return _Stem(module.width, dtype, paired, module.conv_impl).apply({"params": {"conv1": params["conv1"]}}, (x - mean) / std)
 
   def stage(index: int):
     def run(y):
       for block in range(blocks):
         stride = 2 if (index > 0 and block == 0) else 1
         layer = resnet.CifarBasicBlock(module.width * 2**index, stride, module.shortcut, dtype, True,
-                                       paired and index == 0)
+                                       paired and index == 0, module.conv_impl)
         y = layer.apply({"params": params[f"layer{index + 1}_{block}"]}, y)
       return column_pairs.unpair_columns(y) if paired and index == 0 else y
     return run

@@ -42,12 +42,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from scoresmooth_jax.models import column_pairs as pairs
+from scoresmooth_jax.models import onednn_conv
 
 # PyTorch's BatchNorm2d defaults: running = (1 - 0.1) * running + 0.1 * batch, and eps 1e-5.
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 CIFAR_SHORTCUTS = ("A", "B")
+# How a folded network computes its convolutions: lax.conv_general_dilated (XLA's choice of kernel, every backend),
+# or XLA:CPU's oneDNN kernel with the bias, residual add and ReLU fused (models.onednn_conv; CPU only).
+CONV_IMPLS = ("xla", "onednn")
 # He (Kaiming) normal, untruncated, as PyTorch's kaiming_normal_ that the reference CIFAR ResNets train with.
 _KERNEL_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
@@ -69,11 +73,23 @@ def _bn_name(conv_name: str) -> str:
   return conv_name.replace("conv", "bn")
 
 
-def _conv_bn(x, features: int, kernel: int, stride: int, dtype: Any, name: str, train: bool, fold_bn: bool):
+def _folded_conv(x, features: int, kernel: int, stride: int, dtype: Any, name: str, impl: str, relu: bool,
+                 residual=None):
+  """[relu](convolution ``name`` + its folded bias [+ ``residual``]). On "xla" the ReLU is ``relu_of_sum``, whose
+  threshold XLA:CPU fuses; on "onednn" all of it is one oneDNN call (``OneDnnConv``)."""
+  if impl == "onednn":
+    return OneDnnConv(features, kernel, stride, dtype, relu, name=name)(x, residual)
+  y, bias = FoldedConv(features, kernel, stride, dtype, name=name)(x)
+  if residual is not None:
+    y, bias = y + bias, residual.astype(y.dtype)
+  return relu_of_sum(y, bias) if relu else y + bias
+
+
+def _conv_bn(x, features: int, kernel: int, stride: int, dtype: Any, name: str, train: bool, fold_bn: bool,
+             impl: str = "xla"):
   """Convolution ``name`` followed by its BatchNorm, or (``fold_bn``) one convolution with a bias instead."""
   if fold_bn:
-    y, bias = FoldedConv(features, kernel, stride, dtype, name=name)(x)
-    return y + bias
+    return _folded_conv(x, features, kernel, stride, dtype, name, impl, relu=False)
   return _batch_norm(train, dtype, _bn_name(name))(_conv(features, kernel, stride, dtype, name)(x))
 
 
@@ -91,18 +107,32 @@ def relu_of_sum(u: jax.Array, v: jax.Array) -> jax.Array:
   return jnp.maximum(u, -v) + v
 
 
-def _conv_bn_relu(x, features: int, kernel: int, stride: int, dtype: Any, name: str, train: bool, fold_bn: bool):
-  """relu(``_conv_bn``(...)). Folded, the ReLU takes the convolution's own bias as its threshold
-  (``relu_of_sum``), so XLA:CPU fuses it; the trainable network keeps ``nn.relu`` (see ``_residual_relu``)."""
+def _conv_bn_relu(x, features: int, kernel: int, stride: int, dtype: Any, name: str, train: bool, fold_bn: bool,
+                  impl: str = "xla"):
+  """relu(``_conv_bn``(...)). Folded, see ``_folded_conv``; the trainable network keeps ``nn.relu``."""
   if fold_bn:
-    return relu_of_sum(*FoldedConv(features, kernel, stride, dtype, name=name)(x))
+    return _folded_conv(x, features, kernel, stride, dtype, name, impl, relu=True)
   return nn.relu(_conv_bn(x, features, kernel, stride, dtype, name, train, fold_bn=False))
 
 
-def _residual_relu(y: jax.Array, shortcut: jax.Array, fold_bn: bool) -> jax.Array:
-  """A residual block's output ReLU: ``relu_of_sum`` in the folded (inference-only) network. The trainable network
-  keeps ``nn.relu``, so its gradients stay exactly relu's (derivative 0 at 0, where max's would split a tie)."""
-  return relu_of_sum(y, shortcut) if fold_bn else nn.relu(y + shortcut)
+def _conv_bn_add_relu(x, shortcut, features: int, kernel: int, stride: int, dtype: Any, name: str, train: bool,
+                      fold_bn: bool, impl: str = "xla"):
+  """A residual block's last convolution and output: relu(``_conv_bn``(x) + shortcut). Folded (inference only),
+  see ``_folded_conv``; the trainable network keeps ``nn.relu``, so its gradients stay exactly relu's
+  (derivative 0 at 0, where max's would split a tie)."""
+  if fold_bn:
+    return _folded_conv(x, features, kernel, stride, dtype, name, impl, relu=True, residual=shortcut)
+  y = _conv_bn(x, features, kernel, stride, dtype, name, train, fold_bn=False)
+  return nn.relu(y + shortcut.astype(y.dtype))
+
+
+def _check_conv_impl(conv_impl: str, fold_bn: bool, model: str, column_pairs: bool = False) -> None:
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"{model}(conv_impl={conv_impl!r}): choose one of {CONV_IMPLS}.")
+  if conv_impl == "onednn" and (not fold_bn or column_pairs):
+    raise ValueError(f"{model}(conv_impl='onednn') is for the BatchNorm-folded inference network without column "
+                     f"pairs (fold_bn=True, column_pairs=False); got fold_bn={fold_bn}, column_pairs={column_pairs}. "
+                     "Classifier.folded() chooses it where it is available.")
 
 
 def _check_fold(fold_bn: bool, train: bool, model: str) -> None:
@@ -173,6 +203,25 @@ class FoldedConv(nn.Module):
     return y, bias
 
 
+class OneDnnConv(nn.Module):
+  """``FoldedConv``'s parameters (same names, shapes and init), computed as [relu](convolution + bias
+  [+ residual]) in one call of XLA:CPU's oneDNN kernel (``onednn_conv.fused_conv``; the bias stays float32)."""
+
+  features: int
+  kernel_size: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+  relu: bool = False
+
+  @nn.compact
+  def __call__(self, x, residual=None):
+    kernel = self.param("kernel", _KERNEL_INIT, (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    residual = None if residual is None else residual.astype(x.dtype)
+    return onednn_conv.fused_conv(x, kernel, bias, self.stride, residual, self.relu)
+
+
 class PairedConv(nn.Module):
   """A 3x3 stride-1 convolution with a bias on column pairs (``column_pairs``): the parameters of ``nn.Conv``
   (kernel [3, 3, C, O], bias [O]), applied as ``column_pairs.paired_conv``. Returns ``(convolution, bias)``
@@ -203,15 +252,15 @@ class CifarBasicBlock(nn.Module):
   dtype: Any = jnp.float32
   fold_bn: bool = False
   column_pairs: bool = False
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     if self.column_pairs:
       return self._paired(x, train)
     in_features = x.shape[-1]
-    conv_bn = functools.partial(_conv_bn, dtype=self.dtype, train=train, fold_bn=self.fold_bn)
-    y = _conv_bn_relu(x, self.features, 3, self.stride, self.dtype, "conv1", train, self.fold_bn)
-    y = conv_bn(y, self.features, 3, 1, name="conv2")
+    kwargs = dict(dtype=self.dtype, train=train, fold_bn=self.fold_bn, impl=self.conv_impl)
+    y = _conv_bn_relu(x, self.features, 3, self.stride, name="conv1", **kwargs)
     if self.stride != 1 or in_features != self.features:
       if self.shortcut == "A":
         # Option A: keep every `stride`-th pixel (from the first, like x[:, :, ::2, ::2] in NCHW) and zero-pad
@@ -220,8 +269,8 @@ class CifarBasicBlock(nn.Module):
         extra = self.features - in_features
         x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
       else:
-        x = conv_bn(x, self.features, 1, self.stride, name="downsample_conv")
-    return _residual_relu(y, x.astype(y.dtype), self.fold_bn)
+        x = _conv_bn(x, self.features, 1, self.stride, name="downsample_conv", **kwargs)
+    return _conv_bn_add_relu(y, x, self.features, 3, 1, name="conv2", **kwargs)
 
   def _paired(self, x, train: bool):
     if not self.fold_bn or train or self.stride != 1 or x.shape[-1] != 2 * self.features:
@@ -240,12 +289,12 @@ def first_stage_paired(module: "CifarResNet", width: int) -> bool:
   return module.column_pairs and width % 2 == 0
 
 
-def cifar_stem(width: int, dtype: Any, paired: bool, train: bool = False, fold_bn: bool = True):
+def cifar_stem(width: int, dtype: Any, paired: bool, train: bool = False, fold_bn: bool = True, impl: str = "xla"):
   """The CIFAR ResNet's first convolution (``conv1``, then ``bn1`` unless folded) and its ReLU: images in, or,
   ``paired``, images in and the aligned column pairs of the first stage out (folded networks only)."""
   if paired:
     return lambda x: relu_of_sum(*PairedConv(width, pairs.SAME, dtype, name="conv1")(pairs.pair_columns(x)))
-  return lambda x: _conv_bn_relu(x, width, 3, 1, dtype, "conv1", train, fold_bn)
+  return lambda x: _conv_bn_relu(x, width, 3, 1, dtype, "conv1", train, fold_bn, impl)
 
 
 class CifarResNet(nn.Module):
@@ -260,6 +309,8 @@ class CifarResNet(nn.Module):
     fold_bn: the inference-only variant with BatchNorm folded into the convolutions (``fold_batchnorm``).
     column_pairs: with ``fold_bn``, run the stem and first stage on column pairs (``column_pairs``; images of odd
       width run unpaired): the same function, faster on CPU when ``column_pairs.pays_off(width)``.
+    conv_impl: with ``fold_bn``, how the convolutions run (``CONV_IMPLS``): "xla", or "onednn" for XLA:CPU's
+      oneDNN kernel with the bias, residual add and ReLU fused (``onednn_conv``; CPU only, no column pairs).
   """
 
   depth: int = 20
@@ -269,6 +320,7 @@ class CifarResNet(nn.Module):
   dtype: Any = jnp.float32
   fold_bn: bool = False
   column_pairs: bool = False
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -287,16 +339,18 @@ class CifarResNet(nn.Module):
     if self.column_pairs and not self.fold_bn:
       raise ValueError("CifarResNet(column_pairs=True) needs fold_bn=True: column pairs are an inference "
                        "layout for the BatchNorm-folded network (Classifier.folded() chooses it).")
+    _check_conv_impl(self.conv_impl, self.fold_bn, "CifarResNet", self.column_pairs)
     blocks = (self.depth - 2) // 6
     paired = first_stage_paired(self, x.shape[2])
-    y = cifar_stem(self.width, self.dtype, paired, train, self.fold_bn)(x)
+    y = cifar_stem(self.width, self.dtype, paired, train, self.fold_bn, self.conv_impl)(x)
     for stage in range(3):
       if paired and stage == 1:  # the stem and the first stage run on column pairs
         y = pairs.unpair_columns(y)
       for block in range(blocks):
         stride = 2 if (stage > 0 and block == 0) else 1
         y = CifarBasicBlock(self.width * 2**stage, stride, self.shortcut, self.dtype, self.fold_bn,
-                            column_pairs=paired and stage == 0, name=f"layer{stage + 1}_{block}")(y, train=train)
+                            column_pairs=paired and stage == 0, conv_impl=self.conv_impl,
+                            name=f"layer{stage + 1}_{block}")(y, train=train)
     y = jnp.mean(y, axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(y)
 
@@ -308,20 +362,19 @@ class Bottleneck(nn.Module):
   stride: int
   dtype: Any = jnp.float32
   fold_bn: bool = False
+  conv_impl: str = "xla"
 
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     out_features = self.features * self.expansion
-    conv_bn = functools.partial(_conv_bn, dtype=self.dtype, train=train, fold_bn=self.fold_bn)
-    conv_bn_relu = functools.partial(_conv_bn_relu, dtype=self.dtype, train=train, fold_bn=self.fold_bn)
-    y = conv_bn_relu(x, self.features, 1, 1, name="conv1")
-    y = conv_bn_relu(y, self.features, 3, self.stride, name="conv2")
-    y = conv_bn(y, out_features, 1, 1, name="conv3")
+    kwargs = dict(dtype=self.dtype, train=train, fold_bn=self.fold_bn, impl=self.conv_impl)
+    y = _conv_bn_relu(x, self.features, 1, 1, name="conv1", **kwargs)
+    y = _conv_bn_relu(y, self.features, 3, self.stride, name="conv2", **kwargs)
     if self.stride != 1 or x.shape[-1] != out_features:
-      x = conv_bn(x, out_features, 1, self.stride, name="downsample_conv")
-    return _residual_relu(y, x.astype(y.dtype), self.fold_bn)
+      x = _conv_bn(x, out_features, 1, self.stride, name="downsample_conv", **kwargs)
+    return _conv_bn_add_relu(y, x, out_features, 1, 1, name="conv3", **kwargs)
 
 
 class ResNet(nn.Module):
@@ -332,12 +385,14 @@ class ResNet(nn.Module):
     num_classes: size of the logit vector (1000 for ImageNet).
     dtype: compute dtype (float32 or bfloat16); parameters are float32.
     fold_bn: the inference-only variant with BatchNorm folded into the convolutions (``fold_batchnorm``).
+    conv_impl: with ``fold_bn``, "xla" or "onednn", as in ``CifarResNet``.
   """
 
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   num_classes: int = 1000
   dtype: Any = jnp.float32
   fold_bn: bool = False
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -345,14 +400,15 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet(stage_sizes={self.stage_sizes!r}): give four positive block counts, e.g. "
                        "(3, 4, 6, 3) for ResNet-50.")
     _check_fold(self.fold_bn, train, "ResNet")
-    y = _conv_bn_relu(x, 64, 7, 2, self.dtype, "conv1", train, self.fold_bn)
+    _check_conv_impl(self.conv_impl, self.fold_bn, "ResNet")
+    y = _conv_bn_relu(x, 64, 7, 2, self.dtype, "conv1", train, self.fold_bn, self.conv_impl)
     # PyTorch's MaxPool2d(3, 2, padding=1) pads with -inf, as reduce_window's max does here.
     y = nn.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, blocks in enumerate(self.stage_sizes):
       for block in range(blocks):
         stride = 2 if (stage > 0 and block == 0) else 1
-        y = Bottleneck(64 * 2**stage, stride, self.dtype, self.fold_bn, name=f"layer{stage + 1}_{block}")(
-            y, train=train)
+        y = Bottleneck(64 * 2**stage, stride, self.dtype, self.fold_bn, self.conv_impl,
+                       name=f"layer{stage + 1}_{block}")(y, train=train)
     y = jnp.mean(y, axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(y)
 
