@@ -52,7 +52,8 @@ def jax_parts(clf: classifier_lib.Classifier) -> dict[str, Callable]:
   paired = resnet.first_stage_paired(module, clf.image_shape[1])  # then layer1 takes and returns column pairs
 
   def stem(x):
-    return _Stem(module.width, dtype, paired, module.conv_impl).apply({"params": {"conv1": params["conv1"]}}, (x - mean) / std)
+    stem_module = _Stem(module.width, dtype, paired, module.conv_impl)
+    return stem_module.apply({"params": {"conv1": params["conv1"]}}, (x - mean) / std)
 
   def stage(index: int):
     def run(y):

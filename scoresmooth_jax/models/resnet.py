@@ -27,8 +27,11 @@ Promises:
   * ``CifarResNet(fold_bn=True, column_pairs=True)`` computes the same logits (up to float summation order) with
     the same parameters, running its stem and first stage on pairs of columns (``column_pairs``), which XLA:CPU
     computes about 1.2-1.3x faster when that stage is 16 channels wide. Images of odd width run unpaired.
-  * In the folded networks every ReLU is ``relu_of_sum``: max(u, -v) + v, bit for bit relu(u + v) for finite
-    values, with a threshold XLA:CPU can fuse into the convolution before it (see there).
+  * ``conv_impl="onednn"`` (folded networks, CPU, no column pairs) computes the same logits with every convolution,
+    its bias, residual add and ReLU as one call of XLA:CPU's oneDNN kernel (``onednn_conv``), same parameters;
+    ``Classifier.folded()`` chooses it where ``onednn_conv.available``.
+  * With ``conv_impl="xla"``, in the folded networks every ReLU is ``relu_of_sum``: max(u, -v) + v, bit for bit
+    relu(u + v) for finite values, with a threshold XLA:CPU can fuse into the convolution before it (see there).
 """
 
 from __future__ import annotations
