@@ -52,9 +52,10 @@ _NHWC = {"batch_dim": 0, "feature_dim": 3, "spatial_dims": [1, 2]}
 _HWIO = {"input_feature_dim": 2, "output_feature_dim": 3, "spatial_dims": [0, 1]}
 
 
-def _backend_config(size: int, stride: int, pad: int, ops: tuple[str, ...]) -> str:
-  """XLA's ``BackendConfig`` proto (xla/service/cpu/backend_config.proto) as JSON, for jaxlib 0.10's field
-  conventions: window values as they are, dilations stored minus one (oneDNN counts extra gaps)."""
+def _backend_config(size: int, stride: int, ops: tuple[str, ...]) -> str:
+  """XLA's ``BackendConfig`` proto (xla/service/cpu/backend_config.proto) as JSON, in jaxlib 0.10's conventions:
+  window values as XLA writes them (dilation 1 = none; the runtime subtracts the one oneDNN does not count)."""
+  pad = size // 2  # PyTorch's padding on every side
   window = {"size": [size] * 2, "pad_left": [pad] * 2, "pad_right": [pad] * 2, "strides": [stride] * 2,
             "window_dilations": [1, 1]}
   config = {"dims": 4, "input": {"dims": 4, "data": _NHWC}, "kernel": {"dims": 4, "filter": _HWIO},
@@ -70,13 +71,13 @@ def _output_shape(x_shape, kernel_shape, stride: int) -> tuple[int, int, int, in
   return (batch, (height + 2 * pad - size) // stride + 1, (width + 2 * pad - size) // stride + 1, kernel_shape[-1])
 
 
-def _onednn_call(x, kernel, bias, residual, stride: int, relu: bool):
-  ops = ("BIAS",) + (("BINARY_ADD",) if residual is not None else ()) + (("RELU",) if relu else ())
-  operands = (x, kernel, bias) + ((residual,) if residual is not None else ())
+def _onednn_call(stride: int, relu: bool, x, kernel, bias, *residual):
+  """The custom call; ``residual`` is empty or the one array added before the ReLU."""
+  ops = ("BIAS",) + (("BINARY_ADD",) if residual else ()) + (("RELU",) if relu else ())
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(_output_shape(x.shape, kernel.shape, stride), x.dtype),
                           vmap_method="sequential", custom_call_api_version=1,
-                          legacy_backend_config=_backend_config(kernel.shape[0], stride, kernel.shape[0] // 2, ops))
-  return call(*operands)
+                          legacy_backend_config=_backend_config(kernel.shape[0], stride, ops))
+  return call(x, kernel, bias, *residual)
 
 
 def reference_fused_conv(x, kernel, bias, stride: int, residual=None, relu: bool = False):
@@ -91,22 +92,12 @@ def reference_fused_conv(x, kernel, bias, stride: int, residual=None, relu: bool
 
 
 @functools.lru_cache(maxsize=None)
-def _differentiable(stride: int, relu: bool, with_residual: bool):
-  """The oneDNN call for one (stride, relu, residual) combination, differentiated through the reference."""
-  if with_residual:
-    def reference(x, kernel, bias, residual):
-      return reference_fused_conv(x, kernel, bias, stride, residual, relu)
+def _differentiable(stride: int, relu: bool):
+  """The oneDNN call for one (stride, relu), differentiated through the reference."""
+  def reference(x, kernel, bias, *residual):
+    return reference_fused_conv(x, kernel, bias, stride, residual[0] if residual else None, relu)
 
-    def onednn(x, kernel, bias, residual):
-      return _onednn_call(x, kernel, bias, residual, stride, relu)
-  else:
-    def reference(x, kernel, bias):
-      return reference_fused_conv(x, kernel, bias, stride, None, relu)
-
-    def onednn(x, kernel, bias):
-      return _onednn_call(x, kernel, bias, None, stride, relu)
-
-  op = jax.custom_jvp(onednn)
+  op = jax.custom_jvp(functools.partial(_onednn_call, stride, relu))
   op.defjvp(lambda primals, tangents: jax.jvp(reference, primals, tangents))
   return op
 
@@ -128,7 +119,7 @@ def fused_conv(x, kernel, bias, stride: int, residual=None, relu: bool = False):
 
 def _fused(x, kernel, bias, stride: int, residual, relu: bool):
   args = (x, kernel, bias.astype(jnp.float32)) + ((residual,) if residual is not None else ())
-  return _differentiable(int(stride), bool(relu), residual is not None)(*args)
+  return _differentiable(int(stride), bool(relu))(*args)
 
 
 def _cpu_flags() -> set[str]:
