@@ -15,6 +15,8 @@ image float32 [H, W, C] in [0, 1] and the label an int, plus ``num_classes``, ``
   [0, 1]) and integer ``labels``, read with ``np.load(allow_pickle=False)``. ``PATH`` may contain ``{split}``
   (one file per split); else a boolean ``is_test`` array in the file defines "train"/"test", else the whole
   file is every split. An optional scalar ``num_classes`` overrides max(label) + 1.
+* ``"folder:PATH"``: image files in ``PATH/<split>/<class>/*.{png,jpg,jpeg}`` (``image_folder``), labels the
+  sorted class folders' indices, decoded with Pillow on access; ``image_size`` resizes as for tfds.
 * any tfds image dataset (``"cifar10"``, ``"imagenet2012"``, ...) through ``tfds.data_source``: random
   access without TensorFlow (decoding needs Pillow). ``image_size`` resizes (shorter side to the size, then
   a central crop), which datasets of varying image sizes such as imagenet2012 need.
@@ -48,6 +50,7 @@ from scoresmooth_jax import sharding
 
 DIGITS = "digits"
 NPZ_PREFIX = "npz:"
+FOLDER_PREFIX = "folder:"
 
 
 class ImageSource(abc.ABC):
@@ -163,8 +166,8 @@ class TfdsSource(ImageSource):
     try:
       builder = tfds.builder(name, data_dir=data_dir)
     except Exception as err:  # tfds raises DatasetNotFoundError and friends; the user needs the name.
-      raise ValueError(f"unknown dataset {name!r}: not 'digits', not 'npz:/path.npz', and tfds cannot build "
-                       f"it ({type(err).__name__}: {err}).") from err
+      raise ValueError(f"unknown dataset {name!r}: not 'digits', 'npz:/path.npz' or 'folder:/path', and tfds "
+                       f"cannot build it ({type(err).__name__}: {err}).") from err
     features = builder.info.features
     if "image" not in features or "label" not in features:
       raise ValueError(f"tfds dataset {name!r} has features {sorted(features)}; an image source needs "
@@ -190,11 +193,11 @@ class TfdsSource(ImageSource):
     if image.ndim == 2:
       image = image[..., None]
     if image.shape != self.image_shape:
-      image = _resize_and_crop(image, self.image_shape[0])
+      image = resize_and_crop(image, self.image_shape[0])
     return image.astype(np.float32) / 255.0, int(example["label"])
 
 
-def _resize_and_crop(image: np.ndarray, size: int) -> np.ndarray:
+def resize_and_crop(image: np.ndarray, size: int) -> np.ndarray:
   """Shorter side to ``size`` (bicubic), then the central size x size crop: uint8 [size, size, C]."""
   from PIL import Image  # tfds already needs Pillow to decode images without TensorFlow
 
@@ -218,11 +221,11 @@ def get_source(name: str, split: str, *, data_dir=None, image_size: int | None =
   """The image source called ``name`` (module docstring), split ``split``.
 
   Args:
-    name: "digits", "npz:/path/file.npz" or a tfds dataset name.
+    name: "digits", "npz:/path/file.npz", "folder:/path" or a tfds dataset name.
     split: "train", "test", ... (tfds split syntax such as "train[:90%]" works for tfds sources).
     data_dir: tfds data directory (tfds's default when None).
-    image_size: resize tfds images to image_size x image_size; for digits and npz it must equal the
-      stored size when given.
+    image_size: resize tfds and folder images to image_size x image_size; for digits and npz it must equal
+      the stored size when given.
 
   Returns:
     An ``ImageSource``.
@@ -235,6 +238,10 @@ def get_source(name: str, split: str, *, data_dir=None, image_size: int | None =
     path = name[len(NPZ_PREFIX):]
     path = pathlib.Path(path.format(split=split) if "{split}" in path else path).expanduser()
     source = _load_npz(name, path, split)
+  elif name.startswith(FOLDER_PREFIX):
+    from scoresmooth_jax import image_folder  # imports this module: loaded on first use
+
+    return image_folder.FolderSource(name[len(FOLDER_PREFIX):], split, image_size=image_size)
   else:
     return TfdsSource(name, split, data_dir=data_dir, image_size=image_size)
   if image_size is not None and source.image_shape[0] != image_size:
