@@ -4,6 +4,11 @@ Run (a TPU/GPU host; tfds downloads cifar10 on first use):
   python scripts/train_score.py --config configs/score_cifar10.py --workdir runs/score_cifar10
 Tiny variant (CPU tests, mock or real cifar10; one level, no attention, so it compiles fast):
   python scripts/train_score.py --config configs/score_cifar10.py:tiny --workdir /tmp/score_cifar10_tiny
+CPU variant (2 cores, about 90 minutes; ships with the package as `cifar10-cpu`): a small score U-Net trained on
+the 50,000 CIFAR-10 training images as a JPEG folder, evaluated on the lossless fixture test images:
+  mkdir -p data/cifar10 && tar xf ../shared/data/cifar10_train_jpeg.tar -C data/cifar10
+  python scripts/train_score.py --config configs/score_cifar10.py:cpu --workdir workdirs/score_cifar10_cpu
+(the same command resumes; point --config.data.name=folder:PATH / --config.data.eval_name at other copies).
 Model size only:
   python scripts/train_score.py --config configs/score_cifar10.py --config.report_only --workdir /tmp/unused
 
@@ -18,8 +23,10 @@ from scoresmooth_jax.train import base_config
 
 
 def get_config(variant: str = ""):
-  if variant not in ("", "tiny"):
-    raise ValueError(f"unknown variant {variant!r}: use '' or 'tiny'.")
+  if variant not in ("", "tiny", "cpu"):
+    raise ValueError(f"unknown variant {variant!r}: use '', 'tiny' or 'cpu'.")
+  if variant == "cpu":
+    return _cpu_config()
   tiny = variant == "tiny"
   config = base_config("score", "cifar10", (32, 32, 3), random_flip=True)
   config.model.name = "ncsnpp"
@@ -34,5 +41,19 @@ def get_config(variant: str = ""):
                            keep_checkpoints=2 if tiny else 3))
   config.eval.update(dict(batch_size=16 if tiny else 256, num_examples=16 if tiny else 1024,
                           loss_buckets=1 if tiny else 4))
+  config.lock()
+  return config
+
+
+def _cpu_config():
+  config = base_config("score", "folder:data/cifar10", (32, 32, 3), random_flip=True)
+  config.data.eval_name = "npz:../shared/fixtures/cifar10_test_first1017.npz"
+  config.model.name = "score_unet"
+  config.model.kwargs.update(dict(channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(),
+                                  max_groups=8))
+  config.optim.update(dict(learning_rate=1e-3, warmup_steps=100, schedule="cosine", ema_decay=0.999))
+  config.train.update(dict(batch_size=32, num_steps=3000, log_every=50, eval_every=500, checkpoint_every=250,
+                           keep_checkpoints=2))
+  config.eval.update(dict(batch_size=256, num_examples=512, loss_buckets=4))
   config.lock()
   return config

@@ -42,6 +42,7 @@ TASKS = ("score", "classifier")
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   name: str
+  eval_name: str
   train_split: str
   eval_split: str
   data_dir: str | None
@@ -89,7 +90,8 @@ class Task:
 
 def _data_config(config) -> DataConfig:
   d = config.data
-  return DataConfig(name=d.name, train_split=d.train_split, eval_split=d.eval_split, data_dir=d.data_dir or None,
+  return DataConfig(name=d.name, eval_name=d.eval_name or d.name, train_split=d.train_split,
+                    eval_split=d.eval_split, data_dir=d.data_dir or None,
                     image_size=d.image_size, image_shape=tuple(int(v) for v in d.image_shape),
                     random_flip=bool(d.random_flip), random_crop_padding=int(d.random_crop_padding))
 
@@ -233,6 +235,7 @@ def base_config(task: str, dataset: str, image_shape, *, random_flip: bool, rand
   config.report_only = False       # print parameters and FLOPs, then stop
   config.data = ml_collections.ConfigDict(dict(
       name=dataset, train_split="train", eval_split="test", data_dir=placeholder(str),
+      eval_name=placeholder(str),  # the evaluation dataset when it is not `name` (e.g. a folder with no test split)
       image_size=placeholder(int), image_shape=tuple(image_shape), random_flip=random_flip,
       random_crop_padding=random_crop_padding))
   config.model = ml_collections.ConfigDict(dict(name=placeholder(str), kwargs=ml_collections.ConfigDict()))
@@ -331,7 +334,10 @@ def train_and_evaluate(config, workdir) -> dict:
   task = build_task(config)
   source_kwargs = dict(data_dir=data_config.data_dir, image_size=data_config.image_size)
   train_source = data.get_source(data_config.name, data_config.train_split, **source_kwargs)
-  eval_source = data.get_source(data_config.name, data_config.eval_split, **source_kwargs)
+  eval_source = data.get_source(data_config.eval_name, data_config.eval_split, **source_kwargs)
+  if eval_source.image_shape != train_source.image_shape:
+    raise ValueError(f"{data_config.eval_name} has images of shape {eval_source.image_shape}, the training data "
+                     f"{train_source.image_shape}; evaluate on data of the trained size.")
   if train_source.image_shape != data_config.image_shape:
     raise ValueError(f"data.image_shape={data_config.image_shape} but {data_config.name} has images of shape "
                      f"{train_source.image_shape}; set data.image_shape={train_source.image_shape} (or "

@@ -204,3 +204,24 @@ def test_train_score_script_reports_model(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert "126,985 parameters" in out.stdout and "MFLOPs per (8, 8, 1) image" in out.stdout
   assert not list(tmp_path.iterdir())  # report only: nothing trained or written
+
+
+def test_cpu_cifar10_config_trains_on_an_image_folder(tmp_path):
+  """The :cpu variant's data path end to end: JPEG folder for training, a separate npz for evaluation."""
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  for name in ("airplane", "truck"):
+    (tmp_path / "imgs" / "train" / name).mkdir(parents=True)
+    for i in range(8):
+      Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "train" / name /
+                                                                              f"{i}.jpg")
+  np.savez(tmp_path / "test.npz", images=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), labels=np.zeros(8, int))
+  config = load_config("score_cifar10", "cpu", data__name=f"folder:{tmp_path / 'imgs'}",
+                       data__eval_name=f"npz:{tmp_path / 'test.npz'}", model__kwargs__channels=8,
+                       train__batch_size=8, train__num_steps=2, train__log_every=1, train__eval_every=2,
+                       train__checkpoint_every=2, eval__batch_size=8, eval__num_examples=8)
+  assert config.model.name == "score_unet" and config.data.random_flip
+  metrics = train.train_and_evaluate(config, tmp_path / "run")
+  assert np.isfinite(metrics["psnr/denoised/0.25"]) and metrics["psnr/noisy/0.25"] == pytest.approx(12.0, abs=0.3)
+  assert train.load_score_fn(tmp_path / "run" / "export").image_shape == (32, 32, 3)
