@@ -4,6 +4,11 @@ An export is a ``scoresmooth_jax.checkpoint`` model directory with metadata
 ``{"kind": "score", "model", "model_kwargs", "image_shape", "sigma_min", "sigma_max", "ema": true, ...}``
 and variables ``{"params": EMA parameters, "online_params": the raw parameters}``.
 
+Models shipped inside the package are loaded by short name: ``load_score_fn("cifar10-cpu")``. Each is one
+``scoresmooth_jax/shipped/<name>.npz`` (the EMA parameters, keys joined by "/") beside ``<name>.json`` (the
+export's metadata plus its model card) and ``<name>.md`` (the card for people); ``ship_score_model`` writes
+them from a training run's export. Nothing is downloaded.
+
 ``load_score_fn(path)`` returns a ``ScoreFunction``: ``score_fn(x, sigma)`` for NHWC batches in [0, 1] and a
 scalar or per-example sigma, pure and jittable, hashable by identity (so compile caches keyed on it work), and
 carrying the sigma range it was trained on. It plugs straight into ``denoise.one_step`` / ``denoise.annealed``.
@@ -12,6 +17,9 @@ carrying the sigma range it was trained on. It plugs straight into ``denoise.one
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
+import json
+import pathlib
 from typing import Any
 
 import jax
@@ -78,17 +86,86 @@ def _as_tuples(value):
   return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def load_score_fn(path, use_ema: bool = True) -> ScoreFunction:
-  """Loads a score export as a ``ScoreFunction``.
+def shipped_dir() -> pathlib.Path:
+  """The folder of the score models shipped with the package."""
+  return pathlib.Path(str(importlib.resources.files("scoresmooth_jax") / "shipped"))
+
+
+def shipped_names() -> list[str]:
+  """Short names of the shipped score models (``load_score_fn(name)``)."""
+  return sorted(p.stem for p in shipped_dir().glob("*.npz"))
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}/"))
+    else:
+      out[f"{prefix}{key}"] = np.asarray(value)
+  return out
+
+
+def _unflatten(flat) -> dict:
+  tree = {}
+  for name, value in flat.items():
+    node = tree
+    *parents, leaf = name.split("/")
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return tree
+
+
+def ship_score_model(export_path, name: str, model_card: dict, out_dir=None) -> pathlib.Path:
+  """Writes an export's EMA parameters as a shipped model ``name`` (module docstring); returns the .npz path.
 
   Args:
-    path: the export directory (``<workdir>/export`` of a training run).
-    use_ema: the EMA parameters (default, what the paper and score_sde evaluate) or the raw ones.
+    export_path: a training run's ``<workdir>/export``.
+    name: the short name users load it by (e.g. "cifar10-cpu").
+    model_card: JSON-serialisable facts for the card (data, command, steps, wall time, PSNR table, ...).
+    out_dir: where to write (default: the package's ``shipped`` folder).
+  """
+  variables, metadata = checkpoint.load_model(export_path, kind=KIND)
+  out_dir = pathlib.Path(out_dir) if out_dir is not None else shipped_dir()
+  out_dir.mkdir(parents=True, exist_ok=True)
+  npz = out_dir / f"{name}.npz"
+  np.savez(npz, **_flatten(jax.device_get(variables[EMA_PARAMS])))
+  (out_dir / f"{name}.json").write_text(json.dumps({**metadata, "model_card": model_card}, indent=1,
+                                                   sort_keys=True))
+  return npz
+
+
+def _load_shipped(name: str):
+  path = shipped_dir() / f"{name}.npz"
+  with np.load(path, allow_pickle=False) as arrays:
+    params = _unflatten({key: arrays[key] for key in arrays.files})
+  metadata = json.loads((shipped_dir() / f"{name}.json").read_text())
+  return {EMA_PARAMS: params}, metadata
+
+
+def load_score_fn(path, use_ema: bool = True) -> ScoreFunction:
+  """Loads a score export, or a shipped model by short name, as a ``ScoreFunction``.
+
+  Args:
+    path: the export directory (``<workdir>/export`` of a training run), or the short name of a model shipped
+      with the package (``shipped_names()``, e.g. "cifar10-cpu"); an existing directory of that name wins.
+    use_ema: the EMA parameters (default, what the paper and score_sde evaluate) or the raw ones (exports
+      only: shipped models keep just the EMA parameters).
 
   Returns:
     A ``ScoreFunction`` with ``sigma_min``, ``sigma_max`` and ``image_shape`` from the export.
   """
-  variables, metadata = checkpoint.load_model(path, kind=KIND)
+  if isinstance(path, str) and path in shipped_names() and not pathlib.Path(path).is_dir():
+    variables, metadata = _load_shipped(path)
+  else:
+    try:
+      variables, metadata = checkpoint.load_model(path, kind=KIND)
+    except checkpoint.CheckpointError as err:
+      if isinstance(path, str) and "/" not in path and not pathlib.Path(path).exists():
+        raise checkpoint.CheckpointError(f"{err} {path!r} is not the name of a shipped model either "
+                                         f"(shipped: {shipped_names()}).") from None
+      raise
   missing = [k for k in ("model", "model_kwargs", "image_shape", "sigma_min", "sigma_max") if k not in metadata]
   if missing:
     raise checkpoint.CheckpointError(f"score export {path}: metadata lacks {missing}; export it again.")
