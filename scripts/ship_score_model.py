@@ -1,0 +1,101 @@
+"""Ships a trained score model inside the package, with its model card (maintainers' tool).
+
+  .venv/bin/python scripts/ship_score_model.py --workdir workdirs/score_cifar10_cpu --name cifar10-cpu \
+      --command "python scripts/train_score.py --config configs/score_cifar10.py:cpu --workdir ..." \
+      --data "CIFAR-10 training split, 50,000 images as JPEG (about 30.5 dB against the originals)"
+
+Reads ``<workdir>/export`` and ``<workdir>/metrics.jsonl``, measures the denoising PSNR table on the lossless
+test images (noisy, one-step, annealed with the library defaults; ``evaluate.denoising_psnr``, key 0) and the
+CI check (one-step PSNR on the first 64 test images at sigma 0.25, key 0, which tests/test_shipped.py
+recomputes), then writes ``scoresmooth_jax/shipped/<name>.{npz,json,md}`` (``export.ship_score_model``).
+"""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from scoresmooth_jax import data, evaluate, export, xla_cpu
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir (export/ and metrics.jsonl).")
+_NAME = flags.DEFINE_string("name", None, "Short name users load the model by.")
+_COMMAND = flags.DEFINE_string("command", "", "The training command, for the card.")
+_DATA = flags.DEFINE_string("data", "", "What the model was trained on, for the card.")
+_TEST = flags.DEFINE_string("test_npz", "../shared/fixtures/cifar10_test_first1017.npz", "Held-out test images.")
+_SIGMAS = flags.DEFINE_list("sigmas", ["0.12", "0.25", "0.5", "1.0"], "Noise levels of the PSNR table.")
+_ANNEALED_IMAGES = flags.DEFINE_integer("annealed_images", 1017, "Test images of the annealed column (costly).")
+flags.mark_flags_as_required(["workdir", "name"])
+
+CHECK = dict(num_images=64, sigma=0.25, seed=0)
+
+
+def _training_curve(metrics_file: pathlib.Path):
+  """(eval records [(step, {sigma: one-step dB})], wall time in s) from a run's metrics.jsonl."""
+  curve, seconds, last_step = [], 0.0, None
+  for line in metrics_file.read_text().splitlines():
+    record = json.loads(line)
+    if "steps_per_sec" in record:
+      if last_step is not None and record["step"] > last_step and record["steps_per_sec"] > 0:
+        seconds += (record["step"] - last_step) / record["steps_per_sec"]
+      last_step = record["step"]
+    elif "eval/psnr/denoised/0.25" in record:
+      curve.append((record["step"], {k.rsplit("/", 1)[1]: round(v, 2) for k, v in record.items()
+                                     if k.startswith("eval/psnr/denoised/")}))
+  return curve, seconds
+
+
+def _card_markdown(name: str, card: dict) -> str:
+  table = card["psnr_db"]
+  lines = [f"# `{name}`: model card", "", f"- Data: {card['data']}", f"- Command: `{card['command']}`",
+           f"- Model: {card['model']} ({card['parameters']:,} parameters), EMA parameters",
+           f"- Training: {card['train_steps']} steps, {card['train_wall_time_min']:.0f} min of training steps on "
+           f"{card['trained_on']}", f"- Noise range: sigma in [{card['sigma_min']:g}, {card['sigma_max']:g}]",
+           "", f"Denoising PSNR (dB, peak 1, no clipping) on {card['psnr_images']}: noisy, one-step (Tweedie), "
+           "annealed (library defaults: 10 levels x 3 steps, to sigma 0.01)", "",
+           "| sigma | noisy | one-step | annealed |", "|---|---|---|---|"]
+  lines += [f"| {s} | {v['noisy']:.2f} | {v['one_step']:.2f} | {v.get('annealed', float('nan')):.2f} |"
+            for s, v in table.items()]
+  lines += ["", "Training curve (one-step PSNR on 512 test images, EMA parameters):", "",
+            "| step | " + " | ".join(f"sigma {s}" for s in card["training_curve"][0][1]) + " |",
+            "|---|" + "---|" * len(card["training_curve"][0][1])]
+  lines += [f"| {step} | " + " | ".join(f"{v:.2f}" for v in psnrs.values()) + " |"
+            for step, psnrs in card["training_curve"]]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  del argv
+  xla_cpu.apply_recommended_cpu_flags()
+  workdir = pathlib.Path(_WORKDIR.value)
+  score_fn = export.load_score_fn(workdir / "export")
+  source = data.get_source(f"npz:{_TEST.value}", "test")
+  images = source.get_batch(np.arange(len(source)))[0]
+  sigmas = [float(s) for s in _SIGMAS.value]
+  table = evaluate.denoising_psnr(score_fn, images, sigmas, jax.random.key(0), annealed=False)
+  annealed = evaluate.denoising_psnr(score_fn, images[:_ANNEALED_IMAGES.value], sigmas, jax.random.key(0))
+  for sigma in sigmas:
+    table[sigma]["annealed"] = annealed[sigma]["annealed"]
+  check = evaluate.denoising_psnr(score_fn, images[:CHECK["num_images"]], [CHECK["sigma"]],
+                                  jax.random.key(CHECK["seed"]), annealed=False)[CHECK["sigma"]]
+  curve, seconds = _training_curve(workdir / "metrics.jsonl")
+  meta = score_fn.metadata
+  card = {
+      "data": _DATA.value, "command": _COMMAND.value, "model": f"{meta['model']}({meta['model_kwargs']})",
+      "parameters": int(sum(a.size for a in jax.tree.leaves(score_fn.params))),
+      "train_steps": meta.get("train_steps"), "train_wall_time_min": seconds / 60.0,
+      "trained_on": "2 CPU cores", "sigma_min": score_fn.sigma_min, "sigma_max": score_fn.sigma_max,
+      "psnr_images": f"the first {len(images)} CIFAR-10 test images (annealed column: the first "
+                     f"{min(_ANNEALED_IMAGES.value, len(images))})",
+      "psnr_db": {f"{s:g}": v for s, v in table.items()}, "training_curve": curve,
+      "ci_check": {**CHECK, "one_step_psnr": check["one_step"]},
+  }
+  npz = export.ship_score_model(workdir / "export", _NAME.value, card)
+  (npz.parent / f"{_NAME.value}.md").write_text(_card_markdown(_NAME.value, card))
+  print(_card_markdown(_NAME.value, card))
+  print(f"wrote {npz} ({npz.stat().st_size / 2**20:.2f} MiB) and its card")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,51 @@
+"""Score models shipped inside the package: the file format round trip and the real CIFAR-10 model's PSNR."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scoresmooth_jax import certify_job, checkpoint, data, evaluate, export, models
+
+SHIPPED = "cifar10-cpu"
+
+
+def test_ship_and_load_round_trip(tmp_path, monkeypatch):
+  kwargs = dict(channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(), max_groups=4)
+  module = models.get_model("score_unet", **kwargs)
+  params = module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), jnp.ones((1,)))["params"]
+  online = jax.tree.map(lambda a: a + 1.0, params)  # the raw parameters must not be shipped
+  export.export_score_model(tmp_path / "export", "score_unet", kwargs, params, online, (8, 8, 3), 0.01, 1.0)
+  shipped = tmp_path / "shipped"
+  npz = export.ship_score_model(tmp_path / "export", "tiny-test", {"data": "none"}, out_dir=shipped)
+  monkeypatch.setattr(export, "shipped_dir", lambda: shipped)
+  assert export.shipped_names() == ["tiny-test"]
+  loaded = export.load_score_fn("tiny-test")
+  x, sigma = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3)), jnp.array([0.1, 0.5])
+  np.testing.assert_array_equal(loaded(x, sigma), module.apply({"params": params}, x, sigma))
+  assert loaded.metadata["model_card"] == {"data": "none"} and (loaded.sigma_min, loaded.sigma_max) == (0.01, 1.0)
+  with np.load(npz) as arrays:
+    assert sum(a.size for a in arrays.values()) == sum(a.size for a in jax.tree.leaves(params))
+  with pytest.raises(checkpoint.CheckpointError, match="use_ema=True"):
+    export.load_score_fn("tiny-test", use_ema=False)
+  with pytest.raises(checkpoint.CheckpointError, match=r"not the name of a shipped model either \(shipped: "
+                     r"\['tiny-test'\]\)"):
+    export.load_score_fn("no-such-model")
+
+
+def test_shipped_cifar10_model_reproduces_its_card(fixtures_dir):
+  """Guards the file and the loader: one-step PSNR on 64 real test images at sigma 0.25, as the card says."""
+  assert SHIPPED in export.shipped_names()
+  assert (export.shipped_dir() / f"{SHIPPED}.npz").stat().st_size <= 5 * 2**20
+  score_fn = certify_job.load_score(SHIPPED)  # the job's loader and export.load_score_fn agree on short names
+  card = score_fn.metadata["model_card"]
+  check = card["ci_check"]
+  images = data.get_source(f"npz:{fixtures_dir / 'cifar10_test_first1017.npz'}", "test").get_batch(
+      np.arange(check["num_images"]))[0]
+  got = evaluate.denoising_psnr(score_fn, images, [check["sigma"]], jax.random.key(check["seed"]),
+                                annealed=False)[check["sigma"]]
+  assert abs(got["one_step"] - check["one_step_psnr"]) <= 0.3, (got, check)
+  assert got["one_step"] > got["noisy"] + 10.0  # a denoiser, not the identity
+  assert json.loads((export.shipped_dir() / f"{SHIPPED}.json").read_text())["kind"] == "score"
