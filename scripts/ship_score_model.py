@@ -23,6 +23,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir (exp
 _NAME = flags.DEFINE_string("name", None, "Short name users load the model by.")
 _COMMAND = flags.DEFINE_string("command", "", "The training command, for the card.")
 _DATA = flags.DEFINE_string("data", "", "What the model was trained on, for the card.")
+_NOTES = flags.DEFINE_string("notes", "", "Anything else a user should know (e.g. the run's history), for the card.")
 _TEST = flags.DEFINE_string("test_npz", "../shared/fixtures/cifar10_test_first1017.npz", "Held-out test images.")
 _SIGMAS = flags.DEFINE_list("sigmas", ["0.12", "0.25", "0.5", "1.0"], "Noise levels of the PSNR table.")
 _ANNEALED_IMAGES = flags.DEFINE_integer("annealed_images", 1017, "Test images of the annealed column (costly).")
@@ -52,6 +53,7 @@ def _card_markdown(name: str, card: dict) -> str:
            f"- Model: {card['model']} ({card['parameters']:,} parameters), EMA parameters",
            f"- Training: {card['train_steps']} steps, {card['train_wall_time_min']:.0f} min of training steps on "
            f"{card['trained_on']}", f"- Noise range: sigma in [{card['sigma_min']:g}, {card['sigma_max']:g}]",
+           *([f"- Notes: {card['notes']}"] if card.get("notes") else []),
            "", f"Denoising PSNR (dB, peak 1, no clipping) on {card['psnr_images']}: noisy, one-step (Tweedie), "
            "annealed (library defaults: 10 levels x 3 steps, to sigma 0.01)", "",
            "| sigma | noisy | one-step | annealed |", "|---|---|---|---|"]
@@ -82,7 +84,7 @@ def main(argv):
   curve, seconds = _training_curve(workdir / "metrics.jsonl")
   meta = score_fn.metadata
   card = {
-      "data": _DATA.value, "command": _COMMAND.value, "model": f"{meta['model']}({meta['model_kwargs']})",
+      "data": _DATA.value, "command": _COMMAND.value, "notes": _NOTES.value, "model": f"{meta['model']}({meta['model_kwargs']})",
       "parameters": int(sum(a.size for a in jax.tree.leaves(score_fn.params))),
       "train_steps": meta.get("train_steps"), "train_wall_time_min": seconds / 60.0,
       "trained_on": "2 CPU cores", "sigma_min": score_fn.sigma_min, "sigma_max": score_fn.sigma_max,
