@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any, Mapping, Union
 
 import jax
@@ -60,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from scoresmooth_jax.models.openai_unet import OpenAIUNet, torch_key
+from scoresmooth_jax.models.openai_unet import OpenAIUNet, torch_key, torch_order  # noqa: F401 (re-exported)
 from scoresmooth_jax.pretrained import PretrainedError, _per_example
 
 SPEC_PREFIX = "openai"
@@ -285,8 +284,9 @@ class OpenAIScoreFn:
 # Reading state dicts.
 
 
-def expected_params(preset: OpenAIPreset) -> dict:
+def expected_params(preset: Union[str, OpenAIPreset]) -> dict:
   """The preset's Flax parameter shapes (``jax.eval_shape``: nothing is allocated)."""
+  preset = get_preset(preset)
   h, w, c = preset.image_shape
   return jax.eval_shape(preset.model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, h, w, c), jnp.float32),
                         jax.ShapeDtypeStruct((1,), jnp.float32))["params"]
@@ -321,19 +321,16 @@ def _numpy(value) -> np.ndarray:
   return np.asarray(value, np.float32)
 
 
-def _natural(key: str):
-  return [int(p) if p.isdigit() else p for p in re.split(r"\.", key)]
-
-
-def convert_state_dict(state_dict: Mapping[str, Any], preset: OpenAIPreset) -> dict:
+def convert_state_dict(state_dict: Mapping[str, Any], preset: Union[str, OpenAIPreset]) -> dict:
   """Flax params (float32 jax arrays) from an improved-/guided-diffusion ``UNetModel`` state dict.
 
   Raises PretrainedError naming the first key (in the model's order) that is missing or has the wrong shape,
   then the first unexpected one.
   """
+  preset = get_preset(preset)
   expected = traverse_util.flatten_dict(expected_params(preset))
   by_key = {torch_key(path): path for path in expected}
-  names = sorted(by_key, key=_natural)
+  names = sorted(by_key, key=torch_order)  # the state dict's own order, so "first" means the same in both
   got = {k: v for k, v in state_dict.items()}
   flat = {}
   for key in names:
@@ -350,7 +347,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], preset: OpenAIPreset) -> d
                             "was trained with.")
     flat[path] = jnp.asarray(_to_flax(array))
   if got:
-    extra = sorted(got, key=_natural)
+    extra = list(got)  # in the file's order
     raise PretrainedError(f"state dict does not fit preset {preset.name!r}: {extra[0]} (shape "
                           f"{tuple(got[extra[0]].shape)}) is not in the preset's architecture"
                           + (f" ({len(extra) - 1} more)" if len(extra) > 1 else "")

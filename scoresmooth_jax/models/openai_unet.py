@@ -258,3 +258,14 @@ def torch_key(path: Sequence[str]) -> str:
   "input_blocks.5.1.qkv.weight"."""
   *modules, leaf = path
   return ".".join([_INDEX.sub(r".\1", m) for m in modules] + [_LEAF[leaf]])
+
+
+# Positions of the names in PyTorch's module registration order (upstream's __init__), weight before bias.
+_TORCH_RANK = {"time_embed": 0, "input_blocks": 1, "middle_block": 2, "output_blocks": 3, "out": 4,
+               "in_layers": 0, "emb_layers": 1, "out_layers": 2, "skip_connection": 3,
+               "norm": 0, "qkv": 1, "proj_out": 2, "op": 0, "conv": 0, "weight": 0, "bias": 1}
+
+
+def torch_order(key: str) -> tuple:
+  """Sort key that puts state-dict keys in the order ``UNetModel.state_dict()`` lists them."""
+  return tuple(int(p) if p.isdigit() else _TORCH_RANK[p] for p in key.split("."))
