@@ -186,3 +186,30 @@ def test_classifier_input_fits_after_the_denoiser():
   resized = certify_job.fit_images(images, (4, 4, 3), "resize")
   assert resized.shape == (2, 4, 4, 3) and float(resized.min()) >= 0 and float(resized.max()) <= 1
   assert certify_job.fit_images(images, (8, 8, 3), "resize") is images
+
+
+# ---- large weights enter the sampling program as arguments -------------------------------------------------
+
+
+def test_large_weights_are_program_arguments(monkeypatch):
+  from scoresmooth_jax import noise, sharding, smoothing
+
+  w = jnp.asarray(np.random.default_rng(0).normal(size=(4 * 4 * 3, 10)), jnp.float32)
+  clf = lambda z: z.reshape(z.shape[0], -1) @ w  # noqa: E731  (closes over its weights, as any closure may)
+  x, nz, key = jnp.full((4, 4, 3), 0.5), noise.Gaussian(0.5), jax.random.key(0)
+  counts = {mode: smoothing.sample_counts(clf, x, nz, 100, key, num_classes=10, batch_size=8, weights=mode)
+            for mode in ("constants", "arguments")}
+  np.testing.assert_array_equal(counts["constants"], counts["arguments"])
+  assert counts["arguments"].sum() == 100
+
+  def lifted():
+    run = smoothing._counter(clf, nz, (4, 4, 3), np.dtype("float32"), 10, 8, sharding.data_mesh(), "auto")
+    return run.args[0]  # what the compiled program receives besides (x, key, num)
+
+  assert lifted() == ()  # 1.9 KB on CPU: compiled in as constants, the faster way for small weights
+  monkeypatch.setattr(smoothing, "CONSTANT_WEIGHTS_MAX_BYTES", 1024)
+  smoothing._counter.cache_clear()
+  consts = lifted()
+  assert len(consts) == 1 and consts[0].shape == w.shape and consts[0].sharding.is_fully_replicated
+  with pytest.raises(ValueError, match="weights='copy'"):
+    smoothing.sample_counts(clf, x, nz, 10, key, num_classes=10, batch_size=8, weights="copy")
