@@ -122,14 +122,7 @@ def _lift_weights(base_classifier: BaseClassifier, example: jax.ShapeDtypeStruct
   if weights == "auto" and on_cpu and nbytes <= CONSTANT_WEIGHTS_MAX_BYTES:
     return (lambda consts, z: base_classifier(z)), ()
   consts = jax.device_put(list(closed.consts), NamedSharding(mesh, P()))
-
-  def classify(consts, z):
-    # The jaxpr was traced outside shard_map, so nothing marks the replicated weights as meeting the per-device
-    # batch: cast them to "varying" (free: each device already holds its copy) as shard_map's tracing would.
-    consts = [lax.pcast(c, sharding.DATA_AXIS, to="varying") for c in consts]
-    return jax.core.eval_jaxpr(closed.jaxpr, consts, z)[0]
-
-  return classify, consts
+  return (lambda consts, z: jax.core.eval_jaxpr(closed.jaxpr, consts, z)[0]), consts
 
 
 # Bounded: each entry holds a compiled program and the classifier (with its weights) it was built for.
@@ -175,7 +168,11 @@ def _counter(base_classifier: BaseClassifier, nz: noise_lib.Noise, image_shape: 
     counts = lax.fori_loop(0, num_batches, body, zeros)
     return lax.psum(counts, sharding.DATA_AXIS)
 
-  sharded = jax.shard_map(count_on_device, mesh=mesh, in_specs=(P(), P(), P(), P()), out_specs=P())
+  # A jaxpr traced outside shard_map (lifted weights) mixes replicated values with the per-device batch without
+  # the "varying" casts that tracing inside shard_map inserts, so its replication is not checked; the counts are
+  # per-device values summed by the psum either way.
+  sharded = jax.shard_map(count_on_device, mesh=mesh, in_specs=(P(), P(), P(), P()), out_specs=P(),
+                          check_vma=not consts)
   return functools.partial(jax.jit(sharded), consts)
 
 

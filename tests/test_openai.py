@@ -195,7 +195,9 @@ def test_large_weights_are_program_arguments(monkeypatch):
   from scoresmooth_jax import noise, sharding, smoothing
 
   w = jnp.asarray(np.random.default_rng(0).normal(size=(4 * 4 * 3, 10)), jnp.float32)
-  clf = lambda z: z.reshape(z.shape[0], -1) @ w  # noqa: E731  (closes over its weights, as any closure may)
+  # Closes over its weights, as any closure may, and mixes the batch with values made inside (as a denoiser's
+  # sigma arrays are), which the lifted program must accept too.
+  clf = lambda z: (z * jnp.full(z.shape, 2.0)).reshape(z.shape[0], -1) @ w - jnp.arange(10.0)  # noqa: E731
   x, nz, key = jnp.full((4, 4, 3), 0.5), noise.Gaussian(0.5), jax.random.key(0)
   counts = {mode: smoothing.sample_counts(clf, x, nz, 100, key, num_classes=10, batch_size=8, weights=mode)
             for mode in ("constants", "arguments")}
