@@ -68,8 +68,28 @@ def _rss_bytes() -> int:
     return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure_row(preset_name: str, weights: str, batch_size: int, sigma: float = 0.25) -> dict:
-  """Builds and measures one row in this process (see the module docstring)."""
+def _watch_rss(cap_bytes: float, row: dict) -> None:
+  """Ends the process (printing ``row`` with an error) if its RSS passes ``cap_bytes``: a row that would take the
+  machine's memory from everything else is reported as too large instead."""
+  import threading
+
+  start = time.perf_counter()
+
+  def watch():
+    while True:
+      if _rss_bytes() > cap_bytes:
+        print(json.dumps(dict(row, error=f"RSS passed the {cap_bytes / 2**30:.0f} GiB cap after "
+                                         f"{time.perf_counter() - start:.0f} s; stopped")), flush=True)
+        os._exit(3)
+      time.sleep(0.2)
+
+  threading.Thread(target=watch, daemon=True).start()
+
+
+def measure_row(preset_name: str, weights: str, batch_size: int, sigma: float = 0.25,
+                rss_cap_gib: float | None = None) -> dict:
+  """Builds and measures one row in this process (see the module docstring). ``rss_cap_gib`` (default
+  $SCORESMOOTH_BENCH_RSS_CAP_GIB, else none) stops a row whose RSS passes it."""
   import functools
 
   import jax
@@ -80,6 +100,9 @@ def measure_row(preset_name: str, weights: str, batch_size: int, sigma: float = 
   from scoresmooth_jax.bench.config import BenchmarkConfig
   from scoresmooth_jax.bench.workbench import Workbench
 
+  cap = rss_cap_gib if rss_cap_gib is not None else float(os.environ.get("SCORESMOOTH_BENCH_RSS_CAP_GIB", "inf"))
+  if cap != float("inf"):
+    _watch_rss(cap * 2**30, {"preset": preset_name, "weights": weights, "batch_size": batch_size})
   preset = openai_diffusion.get_preset(preset_name)
   score_fn = openai_diffusion.OpenAIScoreFn(preset, _random_params(preset))
   params = int(sum(p.size for p in jax.tree.leaves(score_fn.params)))
@@ -96,7 +119,10 @@ def measure_row(preset_name: str, weights: str, batch_size: int, sigma: float = 
 
   per_device = batch_size * jax.device_count()
   example = jax.ShapeDtypeStruct((batch_size, *preset.image_shape), jnp.float32)
-  cost = jax.jit(base_classifier).lower(example).cost_analysis() or {}
+  # The score function goes in as an argument: lowered with its weights closed over, the 550M-parameter program
+  # alone would hold them as constants (gigabytes) before any row is measured.
+  forward = jax.jit(lambda fn, y: clf(fit(jnp.clip(denoise.one_step(fn, y, sigma), 0.0, 1.0))))
+  cost = forward.lower(score_fn, example).cost_analysis() or {}
   flops = float(cost.get("flops", float("nan")))
   image = jnp.asarray(np.random.default_rng(0).uniform(size=preset.image_shape).astype(np.float32))
   nz = noise.Gaussian(sigma)
@@ -130,6 +156,8 @@ def run_row_in_subprocess(preset_name: str, weights: str, batch_size: int, timeo
   except subprocess.TimeoutExpired:
     return {"preset": preset_name, "weights": weights, "error": f"timed out after {timeout:.0f} s"}
   lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+  if lines:
+    return json.loads(lines[-1])  # a measured row, or one stopped at the RSS cap
   if done.returncode != 0 or not lines:
     tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
     return {"preset": preset_name, "weights": weights, "error": f"exit {done.returncode}: {' | '.join(tail)}"}
@@ -152,7 +180,7 @@ def markdown(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     if "error" in r:
-      lines.append(f"| {r['preset']} | {r['weights']} | | | | | | {r['error']} | |")
+      lines.append(f"| {r['preset']} | {r['weights']} | {r.get('batch_size', '')} | | | | | {r['error']} | |")
       continue
     lines.append(f"| {r['preset']} | {r['weights']} | {r['batch_size']} | {r['params'] / 1e6:.1f}M | "
                  f"{r['gflops_per_image']:.1f} | {r['compile_s']:.1f} | {r['call_s']:.2f} | {r['peak_rss_gib']:.2f} | "
