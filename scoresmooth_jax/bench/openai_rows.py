@@ -16,6 +16,8 @@ own and no compiled program or weight copy of an earlier row counts. Reported:
   call_s         a steady call (num = batch size: one batch per device);
   peak_rss_gib   the process's peak RSS (VmHWM), compilation included; rss_after_gib: RSS after the calls;
   weights_gib    the float32 weights themselves, for scale.
+With $SCORESMOOTH_BENCH_RSS_CAP_GIB set, a row whose RSS passes that many GiB is stopped and reported as such, so
+that measuring the constants variant of a 550M-parameter model cannot take the memory of everything else running.
 """
 
 from __future__ import annotations
