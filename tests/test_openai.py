@@ -1,4 +1,4 @@
-"""OpenAI diffusion checkpoints -> score functions: UNet parity with PyTorch, state-dict checks, schedules, the VP map."""
+"""OpenAI diffusion checkpoints -> score functions: UNet parity with PyTorch, state-dict checks, schedules, VP map."""
 
 import json
 
