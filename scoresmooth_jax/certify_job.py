@@ -23,6 +23,7 @@ Promises:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable
 
@@ -34,6 +35,7 @@ from absl import logging
 from scoresmooth_jax import batching, denoise, noise as noise_lib, records, sharding, smoothing
 
 DENOISERS = ("none", "one_step", "annealed")
+CLASSIFIER_INPUTS = ("none", "center_crop", "resize")
 MODES = ("certify", "predict")
 
 
@@ -60,10 +62,14 @@ def base_config():
       # Fold BatchNorm into the convolutions of a ResNet (12 % faster for ResNet-110 on CPU; the same logits to
       # float rounding, like a change of batch size). Other networks run as they are.
       fold_batchnorm=True,
+      # How denoised images reach a classifier trained at another size (e.g. a 256 x 256 diffusion model before a
+      # 224 x 224 ResNet-50): none (sizes must match) | center_crop | resize (bicubic, antialiased). Deterministic
+      # and after the denoiser, so part of the base classifier: the certificate is for the dataset-size input.
+      input="none",
   ))
   config.denoiser = ml_collections.ConfigDict(dict(
       kind="annealed",             # none | one_step | annealed
-      score="",                    # a score export directory, or score_sde:<preset>:<checkpoint>
+      score="",                    # export directory, score_sde:<preset>:<checkpoint> or openai:<preset>:<path.pt>
       sigma_min=denoise.DEFAULT_SIGMA_MIN,  # annealed schedule: geometric from noise.sigma down to sigma_min
       num_levels=denoise.DEFAULT_NUM_LEVELS,
       steps_per_level=denoise.DEFAULT_STEPS_PER_LEVEL,
@@ -103,6 +109,7 @@ class JobSpec:
   classifier: str
   compute_dtype: str
   fold_batchnorm: bool
+  classifier_input: str      # none | center_crop | resize: dataset-size images -> the classifier's size
   denoiser: DenoiserSpec
   noise: str
   sigma: float
@@ -122,6 +129,7 @@ class JobSpec:
         classifier=str(config.classifier.path),
         compute_dtype=str(config.classifier.compute_dtype),
         fold_batchnorm=bool(config.classifier.fold_batchnorm),
+        classifier_input=str(config.classifier.get("input", "none")),
         denoiser=DenoiserSpec(str(dn.kind), dn.score or None, float(dn.sigma_min), int(dn.num_levels),
                               int(dn.steps_per_level), float(dn.relative_step)),
         noise=str(config.noise.type), sigma=float(config.noise.sigma),
@@ -136,6 +144,8 @@ class JobSpec:
     out = dataclasses.asdict(self)
     for key in ("batch_size", "fold_batchnorm"):
       out.pop(key)
+    if out["classifier_input"] == "none":  # absent means none, so workdirs made before the key still resume
+      out.pop("classifier_input")
     for key in ("skip", "max"):  # more or fewer images is a legitimate way to extend a run
       out["dataset"].pop(key)
     return out
@@ -145,6 +155,8 @@ def validate(spec: JobSpec) -> None:
   """Checks the numbers of a job; raises ValueError naming the value and the fix."""
   if spec.mode not in MODES:
     raise ValueError(f"mode={spec.mode!r}: choose one of {MODES}.")
+  if spec.classifier_input not in CLASSIFIER_INPUTS:
+    raise ValueError(f"classifier.input={spec.classifier_input!r}: choose one of {CLASSIFIER_INPUTS}.")
   if spec.denoiser.kind not in DENOISERS:
     raise ValueError(f"denoiser.kind={spec.denoiser.kind!r}: choose one of {DENOISERS}.")
   if spec.mode == "certify" and spec.n0 < 1:
@@ -163,7 +175,8 @@ def validate(spec: JobSpec) -> None:
                      f"noise.type={spec.noise!r}; use denoiser.kind='annealed' for {spec.noise} noise.")
   if spec.denoiser.kind != "none" and not spec.denoiser.score:
     raise ValueError(f"denoiser.kind={spec.denoiser.kind!r} needs denoiser.score: a score-model export "
-                     "directory (scripts/train_score.py writes <workdir>/export) or 'score_sde:<preset>:<path>'.")
+                     "directory (scripts/train_score.py writes <workdir>/export), 'score_sde:<preset>:<path>' or "
+                     "'openai:<preset>:<path.pt>'.")
   if spec.denoiser.kind == "annealed":
     if spec.denoiser.num_levels < 1 or spec.denoiser.steps_per_level < 1:
       raise ValueError("denoiser.num_levels and denoiser.steps_per_level must be >= 1; got "
@@ -173,22 +186,41 @@ def validate(spec: JobSpec) -> None:
 
 
 def load_score(spec: str):
-  """A score function from an export directory or a ``score_sde:<preset>:<checkpoint>`` string."""
+  """A score function from an export directory, ``score_sde:<preset>:<checkpoint>`` or ``openai:<preset>:<path.pt>``."""
   if spec.startswith("score_sde:"):
     from scoresmooth_jax import pretrained  # only jobs that use published checkpoints need it
     return pretrained.load_score_sde_from_spec(spec)[0]
+  if spec.startswith("openai:"):
+    from scoresmooth_jax import openai_diffusion
+    return openai_diffusion.load_openai_from_spec(spec)[0]
   from scoresmooth_jax import export
   return export.load_score_fn(spec)
 
 
 
+def fit_images(images: jax.Array, shape: tuple[int, int, int], how: str) -> jax.Array:
+  """Dataset-size images [B, H, W, C] -> the classifier's (H', W', C): the central crop, or a bicubic antialiased
+  resize clipped back to [0, 1] (cubic kernels overshoot)."""
+  if how == "none" or tuple(images.shape[1:]) == tuple(shape):
+    return images
+  h, w = images.shape[1:3]
+  if how == "center_crop":
+    top, left = (h - shape[0]) // 2, (w - shape[1]) // 2
+    return images[:, top:top + shape[0], left:left + shape[1], :]
+  resized = jax.image.resize(images, (images.shape[0], *shape), method="bicubic", antialias=True)
+  return jnp.clip(resized, 0.0, 1.0)
+
+
 def make_base_classifier(classifier: Callable, denoiser: DenoiserSpec, nz: noise_lib.Noise,
-                         score_fn=None) -> Callable:
-  """f o D: the base classifier that smoothing samples, with the denoiser (if any) in front.
+                         score_fn=None, fit: Callable | None = None) -> Callable:
+  """f o fit o D: the base classifier that smoothing samples, with the denoiser (if any) in front.
 
   The denoised image is clipped to [0, 1], the range the classifier was trained on; clipping, like the
-  denoiser, is deterministic, so it is part of the base classifier and keeps the guarantee.
+  denoiser and ``fit`` (a crop or resize to the classifier's input size), is deterministic, so it is part of
+  the base classifier and keeps the guarantee for the dataset-size input.
   """
+  if fit is not None:
+    sized, classifier = classifier, lambda z: sized(fit(z))
   if denoiser.kind == "none":
     return classifier
   if denoiser.kind == "one_step":
@@ -236,10 +268,16 @@ def build_job(config) -> Job:
   if spec.fold_batchnorm and clf.foldable:
     clf = clf.folded()
   image_shape = tuple(source.image_shape)
+  fit = None
   if tuple(clf.image_shape) != image_shape:
-    raise ValueError(f"dataset {spec.dataset.name!r} has images of shape {image_shape} but the classifier "
-                     f"{spec.classifier} expects {tuple(clf.image_shape)}; use a classifier trained at that "
-                     "shape or set dataset.image_size.")
+    clf_shape = tuple(clf.image_shape)
+    if spec.classifier_input == "none" or clf_shape[-1] != image_shape[-1] or (
+        spec.classifier_input == "center_crop" and (clf_shape[0] > image_shape[0] or clf_shape[1] > image_shape[1])):
+      raise ValueError(f"dataset {spec.dataset.name!r} has images of shape {image_shape} but the classifier "
+                       f"{spec.classifier} expects {clf_shape} (classifier.input={spec.classifier_input!r}); use a "
+                       "classifier trained at that shape, set dataset.image_size, or set classifier.input to "
+                       "'center_crop' (a smaller classifier input) or 'resize'.")
+    fit = functools.partial(fit_images, shape=clf_shape, how=spec.classifier_input)
   score_fn = None
   if spec.denoiser.kind != "none":
     score_fn = load_score(spec.denoiser.score)
@@ -253,7 +291,7 @@ def build_job(config) -> Job:
                                   spec.denoiser.score)
   indices = [i for i in range(len(source))
              if i % spec.dataset.skip == 0 and (spec.dataset.max < 0 or i < spec.dataset.max)]
-  return Job(spec, source, make_base_classifier(clf, spec.denoiser, nz, score_fn), nz, indices,
+  return Job(spec, source, make_base_classifier(clf, spec.denoiser, nz, score_fn, fit), nz, indices,
              int(clf.num_classes), clf.batchnorm_folded)
 
 

@@ -9,8 +9,9 @@ Promises:
     ``jax.shard_map``; each device loops over its batches with ``lax.fori_loop``, keeps its counts on device,
     masks its partial last batch, and one ``psum`` returns the total. Peak memory is one batch per device,
     whatever ``num``. The result is an int64 numpy array that sums to ``num``.
-  * ``base_classifier`` is compiled once per configuration, its weights as constants of the program (faster
-    than arguments: see ``_counter``); its output must be one floating array of logits [batch, num_classes].
+  * ``base_classifier`` is compiled once per configuration; on CPU its weights are constants of the program up to
+    ``CONSTANT_WEIGHTS_MAX_BYTES`` (faster than arguments), beyond that and on GPU/TPU they are arguments (see
+    ``_counter``); its output must be one floating array of logits [batch, num_classes].
   * The selection (n0) and estimation (n) draws of ``certify`` use independent keys (``fold_in`` of the
     caller's key with distinct phase numbers); devices and batches fold in their own indices.
   * Statistics (Clopper-Pearson, binomial test, radii) are computed in float64 on the host.
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import stats
 
 from scoresmooth_jax import noise as noise_lib
@@ -104,22 +105,48 @@ def _check_logits(logits, batch_size: int, num_classes: int) -> None:
                      "num_classes, or that the callable returns logits for a batch, not labels or one image's.")
 
 
+# Closed-over weights up to this size are compiled into the CPU program as constants; larger ones are passed as
+# arguments (see _counter and docs/openai.md for the measurements behind the number).
+CONSTANT_WEIGHTS_MAX_BYTES = 64 * 2**20
+WEIGHTS = ("auto", "constants", "arguments")
+
+
+def _lift_weights(base_classifier: BaseClassifier, example: jax.ShapeDtypeStruct, mesh: Mesh, weights: str):
+  """``(classify(consts, z), consts)``: the classifier with the arrays it closes over either left inside
+  (consts = ()) or lifted out as one argument, replicated over the mesh once here (not copied per call)."""
+  if weights == "constants":
+    return (lambda consts, z: base_classifier(z)), ()
+  closed = jax.make_jaxpr(base_classifier)(example)  # its consts are exactly the closed-over arrays
+  nbytes = sum(int(getattr(c, "nbytes", 0)) for c in closed.consts)
+  on_cpu = mesh.devices.flat[0].platform == "cpu"
+  if weights == "auto" and on_cpu and nbytes <= CONSTANT_WEIGHTS_MAX_BYTES:
+    return (lambda consts, z: base_classifier(z)), ()
+  consts = jax.device_put(list(closed.consts), NamedSharding(mesh, P()))
+  return (lambda consts, z: jax.core.eval_jaxpr(closed.jaxpr, consts, z)[0]), consts
+
+
 # Bounded: each entry holds a compiled program and the classifier (with its weights) it was built for.
 @functools.lru_cache(maxsize=8)
 def _counter(base_classifier: BaseClassifier, nz: noise_lib.Noise, image_shape: tuple[int, ...],
-             dtype: np.dtype, num_classes: int, batch_size: int, mesh: Mesh):
+             dtype: np.dtype, num_classes: int, batch_size: int, mesh: Mesh, weights: str = "auto"):
   """Compiles (once per configuration) the sharded counting program ``(x, key, num) -> int32[num_classes]``.
 
-  The weights ``base_classifier`` closes over are compiled into the program as constants, on purpose: passed as
-  arguments instead, they cost 15 % of the annealed denoiser's throughput and 3-5 % of a ResNet-110's on CPU
-  (measured with scripts/benchmark.py; XLA prepares constant weights once, argument weights on every call).
-  The price is a longer compilation and a copy of the weights inside the program (the 62.8M-parameter NCSN++
-  one-step row peaked at 1.80 GiB RSS this way, 0.90 GiB with argument weights), paid once per configuration;
-  the lru_cache bound keeps such copies few.
+  On CPU the weights ``base_classifier`` closes over are compiled into the program as constants while they are
+  small, on purpose: passed as arguments instead, they cost 15 % of the annealed denoiser's throughput and
+  3-5 % of a ResNet-110's on CPU (measured with scripts/benchmark.py; XLA prepares constant weights once,
+  argument weights on every call). The price is a longer compilation and a copy of the weights inside the
+  program, which grows with the weights: the 62.8M-parameter NCSN++ one-step row peaked at 1.80 GiB RSS with
+  constants, 0.90 GiB with arguments, and a 550M-parameter diffusion model would not fit twice. So above
+  ``CONSTANT_WEIGHTS_MAX_BYTES``, and always on GPU/TPU (where constants are copied into the executable and
+  device memory is the scarce resource), the closed-over arrays are lifted out of the traced classifier
+  (``jax.make_jaxpr``: any callable works, no protocol needed) and passed as a replicated argument.
+  ``weights`` forces "constants" or "arguments" (the benchmark compares both).
   """
   num_devices = mesh.size
+  example = jax.ShapeDtypeStruct((batch_size, *image_shape), dtype)
+  classify, consts = _lift_weights(base_classifier, example, mesh, weights)
 
-  def count_on_device(x, key, num):
+  def count_on_device(consts, x, key, num):
     device = lax.axis_index(sharding.DATA_AXIS)
     # Device d owns draws [d * per_device, (d + 1) * per_device) of the global index range [0, num).
     per_device = (num + num_devices - 1) // num_devices
@@ -130,7 +157,7 @@ def _counter(base_classifier: BaseClassifier, nz: noise_lib.Noise, image_shape: 
 
     def body(batch, counts):
       eps = nz.sample(jax.random.fold_in(device_key, batch), (batch_size, *image_shape), dtype)
-      logits = base_classifier(x[None] + eps)
+      logits = classify(consts, x[None] + eps)
       _check_logits(logits, batch_size, num_classes)
       labels = jnp.argmax(logits, axis=-1)
       valid = (batch * batch_size + offsets) < mine  # masks the tail of the partial last batch
@@ -141,12 +168,16 @@ def _counter(base_classifier: BaseClassifier, nz: noise_lib.Noise, image_shape: 
     counts = lax.fori_loop(0, num_batches, body, zeros)
     return lax.psum(counts, sharding.DATA_AXIS)
 
-  sharded = jax.shard_map(count_on_device, mesh=mesh, in_specs=(P(), P(), P()), out_specs=P())
-  return jax.jit(sharded)
+  # A jaxpr traced outside shard_map (lifted weights) mixes replicated values with the per-device batch without
+  # the "varying" casts that tracing inside shard_map inserts, so its replication is not checked; the counts are
+  # per-device values summed by the psum either way.
+  sharded = jax.shard_map(count_on_device, mesh=mesh, in_specs=(P(), P(), P(), P()), out_specs=P(),
+                          check_vma=not consts)
+  return functools.partial(jax.jit(sharded), consts)
 
 
 def sample_counts(base_classifier: BaseClassifier, x, nz: noise_lib.Noise, num: int, key: jax.Array, *,
-                  num_classes: int, batch_size: int, mesh: Mesh | None = None) -> np.ndarray:
+                  num_classes: int, batch_size: int, mesh: Mesh | None = None, weights: str = "auto") -> np.ndarray:
   """Counts the base classifier's top-1 labels on ``num`` noisy copies of one image.
 
   Args:
@@ -159,6 +190,8 @@ def sample_counts(base_classifier: BaseClassifier, x, nz: noise_lib.Noise, num: 
     num_classes: number of logits.
     batch_size: draws per device per loop step (the memory knob: one batch per device is ever live).
     mesh: 1-D mesh with axis "data" (default: all devices, ``sharding.data_mesh()``).
+    weights: how the arrays base_classifier closes over enter the program: "auto" (constants on CPU up to
+      ``CONSTANT_WEIGHTS_MAX_BYTES``, else arguments), "constants" or "arguments". Same counts either way.
 
   Returns:
     int64 numpy array [num_classes] that sums to exactly ``num``.
@@ -176,7 +209,9 @@ def sample_counts(base_classifier: BaseClassifier, x, nz: noise_lib.Noise, num: 
   # Low-precision compute belongs inside base_classifier, after the noise (a deterministic cast is part of f).
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   mesh = sharding.data_mesh() if mesh is None else mesh
-  run = _counter(base_classifier, nz, tuple(x.shape), np.dtype(x.dtype), num_classes, batch_size, mesh)
+  if weights not in WEIGHTS:
+    raise ValueError(f"weights={weights!r}: choose one of {WEIGHTS}.")
+  run = _counter(base_classifier, nz, tuple(x.shape), np.dtype(x.dtype), num_classes, batch_size, mesh, weights)
   counts = np.asarray(run(x, key, jnp.int32(num)), dtype=np.int64)
   assert counts.sum() == num, (counts.sum(), num)  # a lost or doubled batch would break the guarantee
   return counts

@@ -4,6 +4,9 @@ Run (5 minutes on 2 idle CPU cores, 7-8 when they are shared; --imagenet adds th
   python scripts/benchmark.py --out runs/benchmark.json --fixtures_dir ../shared/fixtures
 Quick check (seconds):
   python scripts/benchmark.py --tiny --out /tmp/benchmark_tiny.json
+The full OpenAI diffusion presets (random weights) one-step + classifier in sample_counts, weights as program
+constants and as arguments, one fresh process per row (the 256x256 ADM takes minutes to compile on CPU):
+  python scripts/benchmark.py --openai_presets --out runs/benchmark_openai.json
 
 All logic lives in ``scoresmooth_jax.bench`` (see its docstring for what each row measures and how).
 XLA flags are read when JAX starts its backend, so --xla_flags is applied before JAX is imported.
@@ -22,6 +25,9 @@ _REPEATS = flags.DEFINE_integer("repeats", None, "Interleaved repetitions per co
 _TORCH = flags.DEFINE_bool("torch", True, "Time the PyTorch eager baseline when torch is installed.")
 _SWEEP = flags.DEFINE_list("torch_sweep_batch_sizes", None, "More batch sizes at which PyTorch and JAX are compared "
                            "(default 32,128,400; an empty string for none).")
+_OPENAI = flags.DEFINE_bool("openai_presets", False, "Only the OpenAI diffusion preset rows (bench.openai_rows), "
+                            "instead of the default benchmark.")
+_OPENAI_ONLY = flags.DEFINE_list("openai_preset_names", None, "Which presets (default: both).")
 _NCSNPP = flags.DEFINE_bool("ncsnpp", True, "Run the NCSN++ one-step row (about 20 GFLOP per image).")
 _MEMORY = flags.DEFINE_bool("memory", True, "Measure peak memory in a fresh subprocess per configuration.")
 _FIXTURES = flags.DEFINE_string("fixtures_dir", None, "Directory with the trained ResNet-20 fixture and CIFAR-10 "
@@ -50,6 +56,15 @@ def main(argv):
     except ValueError as err:
       raise app.UsageError(f"--torch_sweep_batch_sizes={','.join(_SWEEP.value)}: give integers, e.g. "
                            "32,128,400") from err
+  if _OPENAI.value:
+    from scoresmooth_jax.bench import openai_rows  # pylint: disable=import-outside-toplevel
+
+    names = tuple(_OPENAI_ONLY.value or openai_rows.DEFAULT_BATCH)
+    rows = openai_rows.openai_rows(names, log=lambda line: print(f"# {line}", flush=True))
+    bench.write_json({"openai_presets": rows, "environment": bench.environment()}, _OUT.value)
+    print(openai_rows.markdown(rows))
+    print(f"\nJSON: {os.path.abspath(_OUT.value)}")
+    return
   if _TINY.value:
     config = bench.tiny_config(**overrides)
   else:

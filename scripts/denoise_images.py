@@ -2,7 +2,10 @@
 
   python scripts/denoise_images.py --score workdirs/score_digits/export --dataset digits --sigma 0.5 \
       --out workdirs/denoise_digits.png
---score also takes score_sde:<preset>:<checkpoint> for published score_sde models.
+--score also takes score_sde:<preset>:<checkpoint> for published score_sde models and openai:<preset>:<path.pt>
+for improved-/guided-diffusion checkpoints (README), e.g. ImageNet at the model's 256 x 256:
+  python scripts/denoise_images.py --score openai:256x256_diffusion_uncond:models/256x256_diffusion_uncond.pt \
+      --dataset imagenet2012 --split validation --image_size 256 --noises gaussian --sigma 0.5 --out adm.png
 """
 
 import numpy as np
@@ -11,9 +14,11 @@ from absl import app, flags
 
 from scoresmooth_jax import certify_job, data, denoise, figures, noise, xla_cpu
 
-_SCORE = flags.DEFINE_string("score", None, "Score model: export directory or score_sde:<preset>:<path>.")
+_SCORE = flags.DEFINE_string("score", None, "Score model: export directory, score_sde:<preset>:<path> or "
+                             "openai:<preset>:<path.pt>.")
 _DATASET = flags.DEFINE_string("dataset", "digits", "digits, npz:/path.npz or a tfds name.")
 _SPLIT = flags.DEFINE_string("split", "test", "Dataset split.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Resize tfds images to this size (the score model's).")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 3, "Images per noise type.")
 _SIGMA = flags.DEFINE_float("sigma", 0.5, "Noise level (per-coordinate standard deviation, [0, 1] units).")
 _NOISES = flags.DEFINE_list("noises", ["gaussian", "laplace", "uniform"], "Noise types, one block of rows each.")
@@ -30,7 +35,7 @@ def main(argv):
   del argv
   xla_cpu.apply_recommended_cpu_flags()  # before the first computation starts JAX's backend
   score_fn = certify_job.load_score(_SCORE.value)
-  source = data.get_source(_DATASET.value, _SPLIT.value)
+  source = data.get_source(_DATASET.value, _SPLIT.value, image_size=_IMAGE_SIZE.value)
   images = np.stack([source[i][0] for i in range(_NUM_IMAGES.value)])
   noises = [noise.make(name, _SIGMA.value) for name in _NOISES.value]
   rows = figures.denoising_rows(score_fn, images, noises, jax.random.key(_SEED.value), sigma_min=_SIGMA_MIN.value,

@@ -19,6 +19,7 @@ MODELS: dict[str, str] = {
     "resnet50": "scoresmooth_jax.models.resnet:ResNet50",
     "score_unet": "scoresmooth_jax.models.score_unet:ScoreUNet",
     "ncsnpp": "scoresmooth_jax.models.ncsnpp:NCSNpp",
+    "openai_unet": "scoresmooth_jax.models.openai_unet:OpenAIUNet",
 }
 
 
