@@ -77,10 +77,12 @@ def base_config():
   config.certify = ml_collections.ConfigDict(dict(n0=100, n=10_000, alpha=0.001, batch_size=1000, seed=0))
   # Sequential certification (smoothing.certify_sequential): certify.n becomes the budget n_max and each image
   # stops once its answer is settled, with the same guarantee. radius >= 0: decision mode (certified at that
-  # radius, or not); else radius mode, stopping at max_radius (> 0; the largest radius you report) or once more
-  # draws could add at most tolerance (-1: a tenth of the largest radius n draws can certify).
+  # radius, or not). Else radius mode: give the radii you report (e.g. (0.0, 0.25, 0.5)) and each image stops
+  # once more draws could not change at which of them it is certified; max_radius > 0 stops images certified
+  # that far; tolerance >= 0 stops once more draws could add at most that radius (-1: 0 with radii, else 5 % of
+  # the largest radius n draws can certify).
   config.certify.sequential = ml_collections.ConfigDict(dict(
-      enabled=False, radius=-1.0, max_radius=-1.0, tolerance=-1.0, first_look=100))
+      enabled=False, radius=-1.0, radii=(), max_radius=-1.0, tolerance=-1.0, first_look=100))
   return config
 
 
@@ -107,6 +109,7 @@ class DenoiserSpec:
 @dataclasses.dataclass(frozen=True)
 class SequentialSpec:
   radius: float | None       # decision mode at this radius; None: radius mode
+  radii: tuple[float, ...] | None  # radius mode: the radii reported; stop once settled at each
   max_radius: float | None   # radius mode: stop once the radius reaches it
   tolerance: float | None    # radius mode: stop once more draws add at most this; None: the default
   first_look: int            # estimation draws at the first look
@@ -116,6 +119,7 @@ class SequentialSpec:
     if not s.enabled:
       return None
     return cls(radius=None if s.radius < 0 else float(s.radius),
+               radii=tuple(float(r) for r in s.radii) or None,
                max_radius=None if s.max_radius < 0 else float(s.max_radius),
                tolerance=None if s.tolerance < 0 else float(s.tolerance), first_look=int(s.first_look))
 
@@ -189,10 +193,12 @@ def validate(spec: JobSpec) -> None:
     if spec.mode != "certify":
       raise ValueError(f"certify.sequential.enabled=True applies to mode='certify', not {spec.mode!r}; disable it "
                        "for prediction.")
-    if seq.radius is not None and (seq.max_radius is not None or seq.tolerance is not None):
-      raise ValueError(f"certify.sequential.radius={seq.radius} asks for decision mode, which takes no max_radius "
-                       f"({seq.max_radius}) or tolerance ({seq.tolerance}); set those to -1, or radius to -1 for "
-                       "radius mode.")
+    if seq.radius is not None and (seq.max_radius is not None or seq.tolerance is not None or seq.radii):
+      raise ValueError(f"certify.sequential.radius={seq.radius} asks for decision mode, which takes no radii "
+                       f"({seq.radii}), max_radius ({seq.max_radius}) or tolerance ({seq.tolerance}); unset those "
+                       "(radii=(), -1), or set radius to -1 for radius mode.")
+    if seq.radii and min(seq.radii) < 0:
+      raise ValueError(f"certify.sequential.radii={seq.radii} must be radii >= 0.")
     if seq.max_radius == 0.0:
       raise ValueError("certify.sequential.max_radius=0.0 would stop every image at once; use a radius > 0 (the "
                        "largest you report) or -1 for none.")
@@ -308,7 +314,7 @@ def _record(job: Job, idx: int, key, mesh) -> dict:
     seq = spec.sequential
     cert = smoothing.certify_sequential(job.base_classifier, x, job.nz, spec.n0, spec.n, spec.alpha, key,
                                         radius=seq.radius, max_radius=seq.max_radius, tolerance=seq.tolerance,
-                                        first_look=seq.first_look, **common)
+                                        radii=seq.radii, first_look=seq.first_look, **common)
   elif spec.mode == "certify":
     cert = smoothing.certify(job.base_classifier, x, job.nz, spec.n0, spec.n, spec.alpha, key, **common)
   if spec.mode == "certify":

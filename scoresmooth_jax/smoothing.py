@@ -228,12 +228,13 @@ def certify(base_classifier: BaseClassifier, x, nz: noise_lib.Noise, n0: int, n:
 
 def certify_sequential(base_classifier: BaseClassifier, x, nz: noise_lib.Noise, n0: int, n_max: int, alpha: float,
                        key: jax.Array, *, num_classes: int, batch_size: int, radius: float | None = None,
-                       max_radius: float | None = None, tolerance: float | None = None, first_look: int | None = None,
-                       mesh: Mesh | None = None) -> Certificate:
+                       max_radius: float | None = None, tolerance: float | None = None, radii=None,
+                       first_look: int | None = None, mesh: Mesh | None = None) -> Certificate:
   """``certify``'s guarantee with as few of ``n_max`` estimation draws as settle the answer.
 
   ``radius=r``: decision mode (the class with radius r, or ABSTAIN); otherwise radius mode (stops when more
-  draws could add at most ``tolerance`` of radius, at ``max_radius``, or when abstention is settled). The
+  draws could add at most ``tolerance`` of radius or could not change at which of the reported ``radii`` the
+  image is certified, at ``max_radius``, or when abstention is settled). The
   returned ``n`` is the number of estimation draws used. Statistics, stopping rules, defaults and the proof
   of the guarantee: ``scoresmooth_jax.sequential``.
   """
@@ -242,4 +243,4 @@ def certify_sequential(base_classifier: BaseClassifier, x, nz: noise_lib.Noise, 
     first_look = sequential.DEFAULT_FIRST_LOOK
   return sequential.certify_sequential(base_classifier, x, nz, n0, n_max, alpha, key, num_classes=num_classes,
                                        batch_size=batch_size, radius=radius, max_radius=max_radius,
-                                       tolerance=tolerance, first_look=first_look, mesh=mesh)
+                                       tolerance=tolerance, radii=radii, first_look=first_look, mesh=mesh)

@@ -3,8 +3,9 @@
   python scripts/compare_sequential.py --workdir workdirs/sequential \
       --classifier workdirs/quickstart/classifier_plain/export --score workdirs/quickstart/score/export
 (train the two models first with `bash scripts/quickstart.sh`, which writes them there). For every denoiser and
-sigma it runs three certification jobs: fixed n = n_max (Cohen et al.), decision mode at r = sigma and radius
-mode with the default tolerance and max_radius = the largest radius of the table; then prints (and writes to
+sigma it runs certification jobs: fixed n = n_max (Cohen et al.), decision mode at r = sigma, radius mode told
+the table's radii (max_radius = the largest) and, with --procedures=...,radius_tolerance, radius mode with
+the default tolerance and that max_radius alone; then prints (and writes to
 <workdir>/comparison.md) the draws per image and the certified accuracy of each. Every job resumes, so the
 command can be stopped and run again; --procedures picks a subset.
 """
@@ -41,7 +42,10 @@ def _config(denoiser: str, sigma: float, procedure: str):
       config.certify.sequential.enabled = True
     if procedure == "decision":
       config.certify.sequential.radius = sigma
-    elif procedure == "radius":
+    elif procedure == "radius":  # the defaults, told which radii the table reports
+      config.certify.sequential.radii = tuple(float(r) for r in _RADII.value)
+      config.certify.sequential.max_radius = max(float(r) for r in _RADII.value)
+    elif procedure == "radius_tolerance":  # the defaults without the table's radii: the default tolerance
       config.certify.sequential.max_radius = max(float(r) for r in _RADII.value)
   return config
 

@@ -75,13 +75,16 @@ def test_over_certification_is_at_most_alpha_and_uncorrected_looks_exceed_it(alp
 
 
 @pytest.mark.parametrize("alpha", [0.05, 0.01])
-def test_radius_mode_with_default_tolerance_is_sound_over_a_spread_of_p_a(alpha):
+@pytest.mark.parametrize("rules", ["tolerance", "radii"])
+def test_radius_mode_defaults_are_sound_over_a_spread_of_p_a(alpha, rules):
   trials = 4000
   rng = np.random.default_rng(7)
   plan = sequential.plan(3200, alpha, first_look=100)
+  rules = (dict(tolerance=sequential.default_tolerance(NZ, plan)) if rules == "tolerance"
+           else dict(radii=(0.0, 0.5, 1.0, 1.5), max_radius=1.5, tolerance=0.0))
   # Near 1/2 a lucky look would certify a class that is not g's; above it, a radius that is too large.
   p_a = np.concatenate([rng.uniform(0.48, 0.5, trials // 4), rng.uniform(0.5, 0.999, trials - trials // 4)])
-  certified, radius, used, _ = simulate(p_a, plan, rng, tolerance=sequential.default_tolerance(NZ, plan))
+  certified, radius, used, _ = simulate(p_a, plan, rng, **rules)
   assert over_certification(p_a, certified, radius).mean() <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / trials)
   assert certified.mean() > 0.5  # the check has power: most trials certify a radius
   assert used.mean() < 0.6 * plan.n_max and (used <= plan.n_max).all()  # and stop early
@@ -102,6 +105,22 @@ def test_easy_images_stop_at_the_first_look_and_hard_ones_go_on():
   at_threshold = round(THRESHOLD * first)
   assert not sequential.settle(at_threshold, 0, plan, NZ, radius=1.0).stop
   assert sequential.settle(round(THRESHOLD * plan.n_max), len(plan.looks) - 1, plan, NZ, radius=1.0).stop
+
+
+def test_with_reported_radii_an_image_stops_once_no_reported_radius_is_open():
+  plan = sequential.plan(100_000, 0.001)
+  radii = (0.0, 0.5, 1.0)
+  # 80 % hits at the first look: certified at 0 (radius(L) = 0.47); 0.5 and 1.0 are open (p could be 0.86,
+  # which n_max draws would certify at 1.07). The same rate at 50,000 draws settles them: certified at 0.5
+  # (radius 0.82), 1.0 out of reach, although n_max draws would still add radius (tolerance 0 goes on).
+  first = sequential.settle(round(0.8 * plan.looks[0]), 0, plan, NZ, radii=radii)
+  assert not first.stop and 0.0 < first.radius < 0.5
+  late = sequential.settle(40_000, len(plan.looks) - 2, plan, NZ, radii=radii)
+  assert late.stop and late.certified and 1.0 > late.radius >= 0.5
+  assert not sequential.settle(40_000, len(plan.looks) - 2, plan, NZ, tolerance=0.0).stop
+  # Not yet certified at all (48 % hits), but it could be: radius 0 counts as open.
+  unsure = sequential.settle(95, 0, plan, NZ, radii=(0.0,))
+  assert not unsure.stop and unsure.p_lower <= 0.5
 
 
 def test_run_follows_settle_look_by_look():
