@@ -15,6 +15,8 @@ Promises:
     done before an interruption, nor on which process does image i. A resumed job may change how the same
     function is computed (batch size, devices, ``classifier.fold_batchnorm``), nothing else.
   * ``certify.batch_size = 0`` is resolved once per run from XLA's memory estimate (``batching``) and printed.
+  * ``certify.sequential.enabled`` certifies with ``smoothing.certify_sequential`` (``certify.n`` is then the
+    budget n_max): same guarantee, each image stops once settled; its record holds the draws it used (``n``).
   * Multi-host: with ``config.distributed.enabled`` each process certifies the images i with
     ``i % process_count == process_index`` on its own local devices and writes its own record files;
     ``report`` merges them.
@@ -79,6 +81,14 @@ def base_config():
   # batch_size is per device per loop step; 0 picks the largest power of two whose sampling step XLA estimates to
   # fit half the device's memory (batching.auto_batch_size). On a CPU a smaller batch is often faster.
   config.certify = ml_collections.ConfigDict(dict(n0=100, n=10_000, alpha=0.001, batch_size=1000, seed=0))
+  # Sequential certification (smoothing.certify_sequential): certify.n becomes the budget n_max and each image
+  # stops once its answer is settled, with the same guarantee. radius >= 0: decision mode (certified at that
+  # radius, or not). Else radius mode: give the radii you report (e.g. (0.0, 0.25, 0.5)) and each image stops
+  # once more draws could not change at which of them it is certified; max_radius > 0 stops images certified
+  # that far; tolerance >= 0 stops once more draws could add at most that radius (-1: 0 with radii, else 5 % of
+  # the largest radius n draws can certify).
+  config.certify.sequential = ml_collections.ConfigDict(dict(
+      enabled=False, radius=-1.0, radii=(), max_radius=-1.0, tolerance=-1.0, first_look=100))
   return config
 
 
@@ -103,6 +113,24 @@ class DenoiserSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class SequentialSpec:
+  radius: float | None       # decision mode at this radius; None: radius mode
+  radii: tuple[float, ...] | None  # radius mode: the radii reported; stop once settled at each
+  max_radius: float | None   # radius mode: stop once the radius reaches it
+  tolerance: float | None    # radius mode: stop once more draws add at most this; None: the default
+  first_look: int            # estimation draws at the first look
+
+  @classmethod
+  def from_config(cls, s) -> "SequentialSpec | None":
+    if not s.enabled:
+      return None
+    return cls(radius=None if s.radius < 0 else float(s.radius),
+               radii=tuple(float(r) for r in s.radii) or None,
+               max_radius=None if s.max_radius < 0 else float(s.max_radius),
+               tolerance=None if s.tolerance < 0 else float(s.tolerance), first_look=int(s.first_look))
+
+
+@dataclasses.dataclass(frozen=True)
 class JobSpec:
   mode: str
   dataset: DatasetSpec
@@ -118,6 +146,7 @@ class JobSpec:
   alpha: float
   batch_size: int
   seed: int
+  sequential: SequentialSpec | None = None  # None: every image gets n draws
 
   @classmethod
   def from_config(cls, config) -> "JobSpec":
@@ -133,7 +162,8 @@ class JobSpec:
         denoiser=DenoiserSpec(str(dn.kind), dn.score or None, float(dn.sigma_min), int(dn.num_levels),
                               int(dn.steps_per_level), float(dn.relative_step)),
         noise=str(config.noise.type), sigma=float(config.noise.sigma),
-        n0=int(c.n0), n=int(c.n), alpha=float(c.alpha), batch_size=int(c.batch_size), seed=int(c.seed))
+        n0=int(c.n0), n=int(c.n), alpha=float(c.alpha), batch_size=int(c.batch_size), seed=int(c.seed),
+        sequential=SequentialSpec.from_config(c.sequential))
 
   def settings(self) -> dict:
     """What determines the records; a resumed job must match it.
@@ -148,6 +178,8 @@ class JobSpec:
       out.pop("classifier_input")
     for key in ("skip", "max"):  # more or fewer images is a legitimate way to extend a run
       out["dataset"].pop(key)
+    if out["sequential"] is None:  # so workdirs of fixed-n runs made before the option existed still resume
+      out.pop("sequential")
     return out
 
 
@@ -168,6 +200,22 @@ def validate(spec: JobSpec) -> None:
   if spec.batch_size < 0:
     raise ValueError(f"certify.batch_size={spec.batch_size} must be >= 1 (draws per device per step), or 0 to "
                      "choose it from XLA's memory estimate.")
+  if spec.sequential is not None:
+    seq = spec.sequential
+    if spec.mode != "certify":
+      raise ValueError(f"certify.sequential.enabled=True applies to mode='certify', not {spec.mode!r}; disable it "
+                       "for prediction.")
+    if seq.radius is not None and (seq.max_radius is not None or seq.tolerance is not None or seq.radii):
+      raise ValueError(f"certify.sequential.radius={seq.radius} asks for decision mode, which takes no radii "
+                       f"({seq.radii}), max_radius ({seq.max_radius}) or tolerance ({seq.tolerance}); unset those "
+                       "(radii=(), -1), or set radius to -1 for radius mode.")
+    if seq.radii and min(seq.radii) < 0:
+      raise ValueError(f"certify.sequential.radii={seq.radii} must be radii >= 0.")
+    if seq.max_radius == 0.0:
+      raise ValueError("certify.sequential.max_radius=0.0 would stop every image at once; use a radius > 0 (the "
+                       "largest you report) or -1 for none.")
+    if seq.first_look < 1:
+      raise ValueError(f"certify.sequential.first_look={seq.first_look} must be >= 1 (default 100).")
   if spec.dataset.skip < 1:
     raise ValueError(f"dataset.skip={spec.dataset.skip} must be >= 1 (1 takes every image).")
   if spec.denoiser.kind == "one_step" and spec.noise != "gaussian":
@@ -300,19 +348,26 @@ def _record(job: Job, idx: int, key, mesh) -> dict:
   common = dict(num_classes=job.num_classes, batch_size=spec.batch_size, mesh=mesh)
   x, label = job.source[idx]
   start = time.perf_counter()
-  if spec.mode == "certify":
+  if spec.mode == "certify" and spec.sequential is not None:
+    seq = spec.sequential
+    cert = smoothing.certify_sequential(job.base_classifier, x, job.nz, spec.n0, spec.n, spec.alpha, key,
+                                        radius=seq.radius, max_radius=seq.max_radius, tolerance=seq.tolerance,
+                                        radii=seq.radii, first_look=seq.first_look, **common)
+  elif spec.mode == "certify":
     cert = smoothing.certify(job.base_classifier, x, job.nz, spec.n0, spec.n, spec.alpha, key, **common)
+  if spec.mode == "certify":
     prediction = cert.prediction
+    # n: the estimation draws this image used (n_max: the budget, which a fixed-n run always uses up).
     out = dict(radius=cert.radius, p_lower=cert.p_lower, count=cert.count, n0=spec.n0,
-               n0_counts=cert.n0_counts.tolist())
-    samples = spec.n0 + spec.n
+               n0_counts=cert.n0_counts.tolist(), n=cert.n, n_max=spec.n)
+    samples = spec.n0 + cert.n
   else:
     prediction = smoothing.predict(job.base_classifier, x, job.nz, spec.n, spec.alpha, key, **common)
-    out = {}
+    out = dict(n=spec.n)
     samples = spec.n
   elapsed = time.perf_counter() - start
   out.update(idx=idx, label=int(label), predict=int(prediction), correct=int(prediction == int(label)),
-             time=elapsed, n=spec.n, alpha=spec.alpha, noise=spec.noise, sigma=spec.sigma, norm=job.nz.norm,
+             time=elapsed, alpha=spec.alpha, noise=spec.noise, sigma=spec.sigma, norm=job.nz.norm,
              denoiser=spec.denoiser.kind, samples_per_s=samples / elapsed, batch_size=spec.batch_size,
              num_devices=mesh.size, batchnorm_folded=job.batchnorm_folded)
   return out
@@ -351,7 +406,7 @@ def run_certification(config, workdir, *, progress_every_s: float = 10.0) -> lis
     for count, idx in enumerate(todo, 1):
       record = _record(job, idx, jax.random.fold_in(base_key, idx), mesh)
       writer.append(record)
-      samples += (job.spec.n0 if job.spec.mode == "certify" else 0) + job.spec.n
+      samples += record.get("n0", 0) + record["n"]
       now = time.perf_counter()
       if now - last >= progress_every_s or count == len(todo):
         last = now

@@ -141,6 +141,20 @@ def plot(runs: Mapping[str, Sequence[Mapping]], path, max_radius: float | None =
   return path
 
 
+def draws_summary(records: Sequence[Mapping]) -> str | None:
+  """Mean draws per image (n0 + n used) and their ratio to a fixed-n run's n0 + n_max; None without counts.
+
+  Sequential certification (``certify.sequential``) records the estimation draws each image used as ``n`` and
+  the budget as ``n_max``; a fixed-n run uses the budget on every image (ratio 1).
+  """
+  if not records or any("n" not in r for r in records):
+    return None  # e.g. Cohen-format TSVs, which do not record draws
+  used = np.asarray([r.get("n0", 0) + r["n"] for r in records], np.float64)
+  fixed = np.asarray([r.get("n0", 0) + r.get("n_max", r["n"]) for r in records], np.float64)
+  return (f"{used.mean():,.0f} draws per image (n0 + n), {100 * used.sum() / fixed.sum():.1f} % of fixed "
+          f"n0 + n = {fixed.mean():,.0f}")
+
+
 def summary_json(runs: Mapping[str, Sequence[Mapping]], radii: Sequence[float]) -> str:
   """The table as JSON, for scripts that compare runs."""
   return json.dumps({name: dict(norm=_norm(recs), images=len(recs),

@@ -14,6 +14,8 @@ Promises:
     ``_counter``); its output must be one floating array of logits [batch, num_classes].
   * The selection (n0) and estimation (n) draws of ``certify`` use independent keys (``fold_in`` of the
     caller's key with distinct phase numbers); devices and batches fold in their own indices.
+  * ``certify_sequential`` (module ``sequential``) keeps ``certify``'s guarantee with fewer draws: it stops
+    each image once its answer is settled.
   * Statistics (Clopper-Pearson, binomial test, radii) are computed in float64 on the host.
   * Every function is pure: the same key gives the same answer on the same mesh.
 """
@@ -39,6 +41,7 @@ ABSTAIN = -1
 SELECTION_PHASE = 0
 ESTIMATION_PHASE = 1
 PREDICTION_PHASE = 2
+SEQUENTIAL_PHASE = 3  # certify_sequential's looks after the first (the first uses ESTIMATION_PHASE)
 
 BaseClassifier = Callable[[jax.Array], jax.Array]
 
@@ -256,3 +259,23 @@ def certify(base_classifier: BaseClassifier, x, nz: noise_lib.Noise, n0: int, n:
   if p_lower <= 0.5:
     return Certificate(ABSTAIN, 0.0, p_lower, count, n, n0_counts)
   return Certificate(selected, nz.certified_radius(p_lower), p_lower, count, n, n0_counts)
+
+
+def certify_sequential(base_classifier: BaseClassifier, x, nz: noise_lib.Noise, n0: int, n_max: int, alpha: float,
+                       key: jax.Array, *, num_classes: int, batch_size: int, radius: float | None = None,
+                       max_radius: float | None = None, tolerance: float | None = None, radii=None,
+                       first_look: int | None = None, mesh: Mesh | None = None) -> Certificate:
+  """``certify``'s guarantee with as few of ``n_max`` estimation draws as settle the answer.
+
+  ``radius=r``: decision mode (the class with radius r, or ABSTAIN); otherwise radius mode (stops when more
+  draws could add at most ``tolerance`` of radius or could not change at which of the reported ``radii`` the
+  image is certified, at ``max_radius``, or when abstention is settled). The
+  returned ``n`` is the number of estimation draws used. Statistics, stopping rules, defaults and the proof
+  of the guarantee: ``scoresmooth_jax.sequential``.
+  """
+  from scoresmooth_jax import sequential  # imported here: sequential builds on this module
+  if first_look is None:
+    first_look = sequential.DEFAULT_FIRST_LOOK
+  return sequential.certify_sequential(base_classifier, x, nz, n0, n_max, alpha, key, num_classes=num_classes,
+                                       batch_size=batch_size, radius=radius, max_radius=max_radius,
+                                       tolerance=tolerance, radii=radii, first_look=first_look, mesh=mesh)

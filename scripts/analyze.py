@@ -37,6 +37,10 @@ def main(argv):
   radii = [float(r) for r in _RADII.value]
   markdown, csv_text = report.table(runs, radii)
   print(markdown)
+  for name, recs in runs.items():
+    draws = report.draws_summary(recs)
+    if draws:
+      print(f"{name}: {draws}")
   if _OUT_DIR.value:
     out = pathlib.Path(_OUT_DIR.value)
     out.mkdir(parents=True, exist_ok=True)

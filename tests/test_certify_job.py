@@ -243,3 +243,36 @@ def test_batch_size_zero_is_chosen_from_the_memory_estimate(tmp_path, digits_mod
   # A finished run has nothing to sample, so it compiles nothing to choose a batch size.
   again = certify_job.run_certification(config(certify__batch_size=0), tmp_path / "auto")
   assert stable(again) == stable(auto) and "batch size" not in capsys.readouterr().out
+
+
+def test_sequential_certification_records_draws_and_resumes(tmp_path, digits_models):
+  seq = dict(certify__sequential__enabled=True, certify__sequential__first_look=10, certify__n=160,
+             denoiser__kind="none")
+  config = lambda **kw: tiny_config(*digits_models, **seq, **kw)
+  whole = certify_job.run_certification(config(certify__sequential__radius=0.25), tmp_path / "whole")
+  looks = (20, 40, 80, 160)
+  for r in whole:
+    assert r["n_max"] == 160 and r["n"] in looks and r["radius"] in (0.0, 0.25) and r["n0"] == 10
+  # Resumed in two parts, the records are those of one run: each image's certificate is a function of its key.
+  certify_job.run_certification(config(certify__sequential__radius=0.25, dataset__max=3), tmp_path / "parts")
+  parts = certify_job.run_certification(config(certify__sequential__radius=0.25), tmp_path / "parts")
+  assert stable(parts) == stable(whole)
+  used = sum(10 + r["n"] for r in whole) / len(whole)
+  assert report.draws_summary(whole) == f"{used:,.0f} draws per image (n0 + n), {100 * used / 170:.1f} % of fixed n0 + n = 170"
+  # The sequential settings are part of the workdir's settings: another mode is refused, not mixed in.
+  with pytest.raises(records.WorkdirMismatchError, match="sequential"):
+    certify_job.run_certification(config(), tmp_path / "whole")
+  fixed = certify_job.run_certification(tiny_config(*digits_models, dataset__max=2, denoiser__kind="none"),
+                                        tmp_path / "fixed")
+  assert all(r["n"] == r["n_max"] == 40 for r in fixed) and "100.0 %" in report.draws_summary(fixed)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(certify__sequential__radius=0.25, certify__sequential__tolerance=0.1), "decision mode"),
+    (dict(certify__sequential__max_radius=0.0), "max_radius=0.0"),
+    (dict(certify__sequential__first_look=0), "first_look=0"),
+])
+def test_bad_sequential_settings_fail_before_sampling(tmp_path, digits_models, no_sampling, overrides, match):
+  with pytest.raises(ValueError, match=match):
+    certify_job.run_certification(tiny_config(*digits_models, certify__sequential__enabled=True, **overrides),
+                                  tmp_path)
