@@ -183,14 +183,17 @@ def test_same_key_same_certificate_one_compilation_and_fresh_keys_per_look(monke
   run = lambda key: smoothing.certify_sequential(clf, X, nz, 20, 3200, 0.01, key, num_classes=2, batch_size=16,
                                                  tolerance=0.0)
   first = run(jax.random.key(9))
-  assert len(traces) == 1  # n0 and every look, each a different number of draws: one program
+  # n0 and every look, each a different number of draws: one program. Building it traces the classifier at most
+  # twice (smoothing._lift_weights traces it once to find the weights it closes over), and never again.
+  per_program = len(traces)
+  assert per_program in (1, 2)
   looks = sequential.plan(3200, 0.01).looks
   nums = [num for num, _ in keys]
   assert nums[0] == 20 and len(nums) >= 3 and first.n == looks[len(nums) - 2]
   assert nums[1:] == list(np.diff((0,) + looks[:len(nums) - 1]))
   assert len({key for _, key in keys}) == len(keys)  # selection and every look draw fresh noise
   again = run(jax.random.key(9))
-  assert again[:5] == first[:5] and len(traces) == 1
+  assert again[:5] == first[:5] and len(traces) == per_program
   other = run(jax.random.key(10))
   assert other[:5] != first[:5]
 
