@@ -51,7 +51,7 @@ def base_config():
   config.distributed = ml_collections.ConfigDict(dict(
       enabled=False, coordinator_address="", num_processes=0, process_id=-1))
   config.dataset = ml_collections.ConfigDict(dict(
-      name="digits",               # digits | npz:/path/to/images.npz | any tfds image dataset
+      name="digits",               # digits | npz:/path.npz | folder:/path (PATH/<split>/<class>/*.jpg) | a tfds name
       split="test",
       data_dir="",                 # tfds data_dir ("" for the default)
       image_size=0,                # resize tfds images to this size (0: as stored)

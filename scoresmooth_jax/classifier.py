@@ -139,7 +139,12 @@ class Classifier:
     compute_dtype = _canonical_dtype(self.compute_dtype)
     object.__setattr__(self, "compute_dtype", compute_dtype)
     if compute_dtype is not None and getattr(self.module, "dtype", compute_dtype) != compute_dtype:
-      object.__setattr__(self, "module", self.module.clone(dtype=compute_dtype))
+      module = self.module.clone(dtype=compute_dtype)
+      # A network folded for oneDNN in float32 keeps the same parameters on XLA's convolutions where oneDNN cannot
+      # run the new dtype (bfloat16 without AVX512-BF16), instead of failing at its first call.
+      if getattr(module, "conv_impl", "xla") == "onednn" and not onednn_conv.available(compute_dtype):
+        module = module.clone(conv_impl="xla")
+      object.__setattr__(self, "module", module)
 
   def apply(self, variables, x: jax.Array) -> jax.Array:
     """The classifier as a pure function of its variables: x [B, H, W, C] in [0, 1] -> float32 logits."""

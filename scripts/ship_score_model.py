@@ -84,7 +84,8 @@ def main(argv):
   curve, seconds = _training_curve(workdir / "metrics.jsonl")
   meta = score_fn.metadata
   card = {
-      "data": _DATA.value, "command": _COMMAND.value, "notes": _NOTES.value, "model": f"{meta['model']}({meta['model_kwargs']})",
+      "data": _DATA.value, "command": _COMMAND.value, "notes": _NOTES.value,
+      "model": f"{meta['model']}({meta['model_kwargs']})",
       "parameters": int(sum(a.size for a in jax.tree.leaves(score_fn.params))),
       "train_steps": meta.get("train_steps"), "train_wall_time_min": seconds / 60.0,
       "trained_on": "2 CPU cores", "sigma_min": score_fn.sigma_min, "sigma_max": score_fn.sigma_max,

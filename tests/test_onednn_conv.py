@@ -153,6 +153,17 @@ def test_folding_chooses_onednn_on_cpu_where_available():
     resnet.ResNet(stage_sizes=(1, 1, 1, 1), fold_bn=True, conv_impl="cudnn").init(jax.random.key(0), images)
 
 
+def test_a_folded_network_changed_to_a_dtype_onednn_cannot_run_falls_back_to_xla(monkeypatch):
+  clf = _classifier(resnet.CifarResNet(depth=8), (8, 8, 3)).folded("cpu", conv_impl="onednn")
+  monkeypatch.setattr(onednn_conv, "available", lambda dtype, backend=None: jnp.dtype(dtype) == jnp.float32)
+  bf16 = dataclasses.replace(clf, compute_dtype=jnp.bfloat16)  # e.g. a CPU without AVX512-BF16
+  assert bf16.module.conv_impl == "xla" and bf16.module.dtype == jnp.bfloat16
+  x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 3))
+  np.testing.assert_allclose(bf16(x), clf(x), atol=0.1)  # the same network, in bfloat16
+  monkeypatch.setattr(onednn_conv, "available", lambda dtype, backend=None: True)
+  assert dataclasses.replace(clf, compute_dtype=jnp.bfloat16).module.conv_impl == "onednn"
+
+
 @needs_x86
 def test_real_resnet20_on_onednn_keeps_its_accuracy_in_float32_and_bfloat16(fixtures_dir):
   pytest.importorskip("torch", reason="PyTorch is not installed (pip install torch==2.13.0): it reads the fixture")
