@@ -60,7 +60,7 @@ import numpy as np
 from flax import traverse_util
 
 from scoresmooth_jax.models.openai_unet import OpenAIUNet, torch_key, torch_order  # noqa: F401 (re-exported)
-from scoresmooth_jax.pretrained import PretrainedError, _per_example
+from scoresmooth_jax.pretrained import PretrainedError, _per_example, split_spec
 
 SPEC_PREFIX = "openai"
 SCHEDULES = ("linear", "cosine")
@@ -393,12 +393,8 @@ def is_openai_spec(spec: str) -> bool:
 
 
 def parse_openai_spec(spec: str) -> tuple[str, str]:
-  """Splits "openai:<preset>:<path>" into (preset, path); the path may itself contain ':'."""
-  parts = spec.split(":", 2) if isinstance(spec, str) else []
-  if len(parts) != 3 or parts[0] != SPEC_PREFIX or not parts[1] or not parts[2]:
-    raise ValueError(f"score model spec {spec!r} is not of the form 'openai:<preset>:<path.pt>', e.g. "
-                     f"'openai:cifar10_uncond_50M_500K:/data/cifar10_uncond_50M_500K.pt'; presets: {sorted(PRESETS)}.")
-  return parts[1], parts[2]
+  """Splits "openai:<preset>:<path.pt>" into (preset, path) (``pretrained.split_spec``)."""
+  return split_spec(spec, SPEC_PREFIX, "openai:cifar10_uncond_50M_500K:/data/cifar10_uncond_50M_500K.pt", PRESETS)
 
 
 def load_openai_from_spec(spec: str) -> tuple[OpenAIScoreFn, float, float]:

@@ -395,14 +395,22 @@ def is_score_sde_spec(spec: str) -> bool:
   return isinstance(spec, str) and spec.startswith(SPEC_PREFIX + ":")
 
 
-def parse_score_sde_spec(spec: str) -> tuple[str, str]:
-  """Splits "score_sde:<preset>:<path>" into (preset, path); the path may itself contain ':'."""
+def split_spec(spec: str, prefix: str, example: str, presets) -> tuple[str, str]:
+  """Splits "<prefix>:<preset>:<path>" into (preset, path); the path may itself contain ':' (gs://...).
+
+  The error shows ``example`` and the ``presets`` names; published-checkpoint readers share it.
+  """
   parts = spec.split(":", 2) if isinstance(spec, str) else []
-  if len(parts) != 3 or parts[0] != SPEC_PREFIX or not parts[1] or not parts[2]:
-    raise ValueError(f"score model spec {spec!r} is not of the form 'score_sde:<preset>:<path>', e.g. "
-                     f"'score_sde:cifar10_ncsnpp_continuous:/data/cifar10_ncsnpp_continuous/checkpoint_<n>'; presets: "
-                     f"{sorted(PRESETS)}.")
+  if len(parts) != 3 or parts[0] != prefix or not parts[1] or not parts[2]:
+    raise ValueError(f"score model spec {spec!r} is not of the form '{prefix}:<preset>:<path>', e.g. "
+                     f"'{example}'; presets: {sorted(presets)}.")
   return parts[1], parts[2]
+
+
+def parse_score_sde_spec(spec: str) -> tuple[str, str]:
+  """Splits "score_sde:<preset>:<path>" into (preset, path) (``split_spec``)."""
+  return split_spec(spec, SPEC_PREFIX, "score_sde:cifar10_ncsnpp_continuous:/data/cifar10_ncsnpp_continuous/"
+                    "checkpoint_<n>", PRESETS)
 
 
 def load_score_sde_from_spec(spec: str, *, use_ema: bool = True) -> tuple[ScoreSdeScoreFn, float, float]:

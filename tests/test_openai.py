@@ -92,7 +92,7 @@ def test_unreadable_files_and_specs(fixtures_dir, tmp_path):
   assert od.parse_openai_spec("openai:256x256_diffusion_uncond:gs://b/c:d.pt") == (
       "256x256_diffusion_uncond", "gs://b/c:d.pt")
   for bad in ("openai:only_preset", "score_sde:a:b", "openai::x.pt"):
-    with pytest.raises(ValueError, match="openai:<preset>:<path.pt>"):
+    with pytest.raises(ValueError, match="openai:<preset>:<path>.*e.g. .openai:cifar10_uncond_50M_500K:"):
       od.parse_openai_spec(bad)
 
 
