@@ -4,8 +4,8 @@ Run (a TPU/GPU host; tfds downloads cifar10 on first use):
   python scripts/train_score.py --config configs/score_cifar10.py --workdir runs/score_cifar10
 Tiny variant (CPU tests, mock or real cifar10; one level, no attention, so it compiles fast):
   python scripts/train_score.py --config configs/score_cifar10.py:tiny --workdir /tmp/score_cifar10_tiny
-CPU variant (2 cores, about 1 hour at 1.5 steps/s; ships with the package as `cifar10-cpu`): a small score U-Net trained on
-the 50,000 CIFAR-10 training images as a JPEG folder, evaluated on the lossless fixture test images:
+CPU variant (2 cores, about 1 hour at 1.5 steps/s; ships with the package as `cifar10-cpu`): a small score U-Net
+trained on the 50,000 CIFAR-10 training images as a JPEG folder, evaluated on the lossless fixture test images:
   mkdir -p data/cifar10 && tar xf ../shared/data/cifar10_train_jpeg.tar -C data/cifar10
   python scripts/train_score.py --config configs/score_cifar10.py:cpu --workdir workdirs/score_cifar10_cpu
 (the same command resumes; point --config.data.name=folder:PATH / --config.data.eval_name at other copies).
