@@ -71,7 +71,7 @@ def base_config():
   ))
   config.denoiser = ml_collections.ConfigDict(dict(
       kind="annealed",             # none | one_step | annealed
-      score="",                    # export dir, shipped name (cifar10-cpu), score_sde:<preset>:<ckpt>, openai:<preset>:<pt>
+      score="",                    # export dir, shipped name, score_sde:<preset>:<ckpt> or openai:<preset>:<pt>
       sigma_min=denoise.DEFAULT_SIGMA_MIN,  # annealed schedule: geometric from noise.sigma down to sigma_min
       num_levels=denoise.DEFAULT_NUM_LEVELS,
       steps_per_level=denoise.DEFAULT_STEPS_PER_LEVEL,

@@ -258,7 +258,8 @@ def test_sequential_certification_records_draws_and_resumes(tmp_path, digits_mod
   parts = certify_job.run_certification(config(certify__sequential__radius=0.25), tmp_path / "parts")
   assert stable(parts) == stable(whole)
   used = sum(10 + r["n"] for r in whole) / len(whole)
-  assert report.draws_summary(whole) == f"{used:,.0f} draws per image (n0 + n), {100 * used / 170:.1f} % of fixed n0 + n = 170"
+  assert report.draws_summary(whole) == (f"{used:,.0f} draws per image (n0 + n), {100 * used / 170:.1f} % of fixed "
+                                         "n0 + n = 170")
   # The sequential settings are part of the workdir's settings: another mode is refused, not mixed in.
   with pytest.raises(records.WorkdirMismatchError, match="sequential"):
     certify_job.run_certification(config(), tmp_path / "whole")
