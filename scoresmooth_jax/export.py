@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from scoresmooth_jax import checkpoint, denoise, models
 
@@ -96,27 +97,6 @@ def shipped_names() -> list[str]:
   return sorted(p.stem for p in shipped_dir().glob("*.npz"))
 
 
-def _flatten(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{key}/"))
-    else:
-      out[f"{prefix}{key}"] = np.asarray(value)
-  return out
-
-
-def _unflatten(flat) -> dict:
-  tree = {}
-  for name, value in flat.items():
-    node = tree
-    *parents, leaf = name.split("/")
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[leaf] = value
-  return tree
-
-
 def ship_score_model(export_path, name: str, model_card: dict, out_dir=None) -> pathlib.Path:
   """Writes an export's EMA parameters as a shipped model ``name`` (module docstring); returns the .npz path.
 
@@ -130,7 +110,7 @@ def ship_score_model(export_path, name: str, model_card: dict, out_dir=None) -> 
   out_dir = pathlib.Path(out_dir) if out_dir is not None else shipped_dir()
   out_dir.mkdir(parents=True, exist_ok=True)
   npz = out_dir / f"{name}.npz"
-  np.savez(npz, **_flatten(jax.device_get(variables[EMA_PARAMS])))
+  np.savez(npz, **traverse_util.flatten_dict(jax.device_get(variables[EMA_PARAMS]), sep="/"))
   (out_dir / f"{name}.json").write_text(json.dumps({**metadata, "model_card": model_card}, indent=1,
                                                    sort_keys=True))
   return npz
@@ -139,7 +119,7 @@ def ship_score_model(export_path, name: str, model_card: dict, out_dir=None) -> 
 def _load_shipped(name: str):
   path = shipped_dir() / f"{name}.npz"
   with np.load(path, allow_pickle=False) as arrays:
-    params = _unflatten({key: arrays[key] for key in arrays.files})
+    params = traverse_util.unflatten_dict({key: arrays[key] for key in arrays.files}, sep="/")
   metadata = json.loads((shipped_dir() / f"{name}.json").read_text())
   return {EMA_PARAMS: params}, metadata
 
