@@ -49,10 +49,11 @@ def _cpu_config():
   config = base_config("score", "folder:data/cifar10", (32, 32, 3), random_flip=True)
   config.data.eval_name = "npz:../shared/fixtures/cifar10_test_first1017.npz"
   config.model.name = "score_unet"
-  config.model.kwargs.update(dict(channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(),
+  config.model.kwargs.update(dict(channels=48, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(),
                                   max_groups=8))
+  config.sigma.update(dict(focus_min=0.1, focus_prob=0.5))
   config.optim.update(dict(learning_rate=1e-3, warmup_steps=100, schedule="cosine", ema_decay=0.999))
-  config.train.update(dict(batch_size=32, num_steps=5000, log_every=50, eval_every=500, checkpoint_every=250,
+  config.train.update(dict(batch_size=32, num_steps=3500, log_every=50, eval_every=500, checkpoint_every=250,
                            keep_checkpoints=2))
   config.eval.update(dict(batch_size=256, num_examples=512, loss_buckets=4))
   config.lock()

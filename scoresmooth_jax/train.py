@@ -117,7 +117,8 @@ def _model(config):
 
 def _score_task(config, image_shape) -> Task:
   name, kwargs, module = _model(config)
-  sigmas = losses.SigmaDistribution(config.sigma.sigma_min, config.sigma.sigma_max, config.sigma.num_scales)
+  sigmas = losses.SigmaDistribution(config.sigma.sigma_min, config.sigma.sigma_max, config.sigma.num_scales,
+                                    config.sigma.focus_min, config.sigma.focus_prob)
   eval_sigmas = tuple(float(s) for s in config.eval.sigmas)
   for s in eval_sigmas:
     if not sigmas.sigma_min <= s <= sigmas.sigma_max:
@@ -250,7 +251,8 @@ def base_config(task: str, dataset: str, image_shape, *, random_flip: bool, rand
   eval_common = dict(batch_size=placeholder(int), num_examples=placeholder(int))
   if task == "score":
     config.sigma = ml_collections.ConfigDict(dict(sigma_min=0.01, sigma_max=1.0,
-                                                  num_scales=0))  # 0: continuous, log-uniform sigma
+                                                  num_scales=0,  # 0: continuous, log-uniform sigma
+                                                  focus_min=0.0, focus_prob=0.0))  # losses.SigmaDistribution
     config.eval = ml_collections.ConfigDict(dict(**eval_common, sigmas=(0.12, 0.25, 0.5, 1.0), loss_buckets=4))
   else:
     config.noise_sigma = 0.0         # Gaussian augmentation in [0, 1] pixel space; 0 = plain training

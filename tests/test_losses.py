@@ -57,6 +57,26 @@ def test_sigma_sampling_ranges():
   assert counts.min() > 900
 
 
+def test_focused_sigma_sampling_is_the_stated_mixture():
+  # With prob 1/2 log-uniform on [0.1, 1], else on [0.01, 1]: P(sigma >= 0.1) = 1/2 + 1/2 * 1/2 = 3/4, and
+  # P(sigma >= 0.5) = 1/2 * log(2)/log(10) + 1/2 * log(2)/log(100).
+  dist = losses.SigmaDistribution(0.01, 1.0, focus_min=0.1, focus_prob=0.5)
+  s = np.asarray(dist.sample(jax.random.key(0), 40000))
+  assert s.min() >= 0.01 and s.max() <= 1.0
+  assert np.mean(s >= 0.1) == pytest.approx(0.75, abs=0.01)
+  assert np.mean(s >= 0.5) == pytest.approx(0.5 * np.log(2) / np.log(10) + 0.5 * np.log(2) / np.log(100), abs=0.01)
+  np.testing.assert_array_equal(s, np.asarray(dist.sample(jax.random.key(0), 40000)))
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(sigma_min=0.01, sigma_max=1.0, focus_min=2.0, focus_prob=0.5),
+    dict(sigma_min=0.01, sigma_max=1.0, focus_min=0.1, focus_prob=1.5),
+    dict(sigma_min=0.01, sigma_max=1.0, num_scales=3, focus_min=0.1, focus_prob=0.5)])
+def test_bad_focus_fails(kwargs):
+  with pytest.raises(ValueError, match="focus"):
+    losses.SigmaDistribution(**kwargs)
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(sigma_min=0.5, sigma_max=0.5), dict(sigma_min=1.0, sigma_max=0.1), dict(sigma_min=0.0, sigma_max=1.0),
     dict(sigma_min=0.1, sigma_max=1.0, num_scales=1)])
