@@ -6,10 +6,10 @@ With our score model and a converted or trained classifier, on a GPU/TPU host:
       --config.noise.sigma=0.25
 With a published score_sde model: --config.denoiser.score=score_sde:cifar10_ncsnpp_continuous:/path/checkpoint_26
 Cohen's n = 100,000: --config.certify.n=100000. The tiny variant (tests, CPU) certifies 2 images with
-few draws and a one-step denoiser. All keys: scoresmooth_jax.certify_job.base_config.
+few draws and a one-step denoiser. All keys: scoresmooth_jax.certification.certify_job.base_config.
 """
 
-from scoresmooth_jax.certify_job import base_config
+from scoresmooth_jax.certification.certify_job import base_config
 
 
 def get_config(variant: str = ""):

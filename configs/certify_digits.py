@@ -7,10 +7,10 @@ Then:
   python scripts/certify.py --config configs/certify_digits.py --workdir workdirs/certify_digits \
       --config.noise.type=laplace --config.noise.sigma=0.5 --config.denoiser.kind=annealed
 `--config configs/certify_digits.py:tiny` is the variant the tests use (few images, few draws).
-All keys: scoresmooth_jax.certify_job.base_config.
+All keys: scoresmooth_jax.certification.certify_job.base_config.
 """
 
-from scoresmooth_jax.certify_job import base_config
+from scoresmooth_jax.certification.certify_job import base_config
 
 
 def get_config(variant: str = ""):

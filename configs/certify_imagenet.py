@@ -7,7 +7,7 @@ The data must be prepared with tfds beforehand (README). Images are resized to 2
 crop). The tiny variant (tests, CPU) certifies 2 mock images at 32x32. All keys: certify_job.base_config.
 """
 
-from scoresmooth_jax.certify_job import base_config
+from scoresmooth_jax.certification.certify_job import base_config
 
 
 def get_config(variant: str = ""):

@@ -13,7 +13,7 @@ AdamW with a cosine schedule instead of their SGD step schedule; their augmentat
 of zero padding and random horizontal flips.
 """
 
-from scoresmooth_jax.train import base_config
+from scoresmooth_jax.training.train import base_config
 
 
 def get_config(variant: str = ""):

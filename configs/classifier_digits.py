@@ -11,7 +11,7 @@ Variants: "" (plain training: the classifier denoised smoothing protects without
 The normalisation constants are the digits training split's pixel mean and standard deviation.
 """
 
-from scoresmooth_jax.train import base_config
+from scoresmooth_jax.training.train import base_config
 
 
 def get_config(variant: str = ""):

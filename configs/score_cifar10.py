@@ -19,7 +19,7 @@ sigma range differs on purpose: smoothing denoises at sigma <= 1, so training co
 than score_sde's [0.01, 50], which spends the capacity where certification needs it.
 """
 
-from scoresmooth_jax.train import base_config
+from scoresmooth_jax.training.train import base_config
 
 
 def get_config(variant: str = ""):

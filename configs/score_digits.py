@@ -13,7 +13,7 @@ pass must cost ~1.6 MFLOPs per image. sigma spans [0.01, 1.0]: 0.01 is below one
 of structure, 1.0 is the largest smoothing noise evaluated.
 """
 
-from scoresmooth_jax.train import base_config
+from scoresmooth_jax.training.train import base_config
 
 
 def get_config(variant: str = ""):

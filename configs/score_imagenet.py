@@ -12,7 +12,7 @@ Denoising must happen at the classifier's input resolution (the smoothing noise 
 six levels 224 -> 7 with self-attention at 28 and 14, 90M parameters.
 """
 
-from scoresmooth_jax.train import base_config
+from scoresmooth_jax.training.train import base_config
 
 
 def get_config(variant: str = ""):

@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import stats
 
 from scoresmooth_jax import noise as noise_lib
-from scoresmooth_jax import sharding
+from scoresmooth_jax.runtime import sharding
 
 ABSTAIN = -1
 

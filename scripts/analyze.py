@@ -11,7 +11,7 @@ import sys
 
 from absl import app, flags
 
-from scoresmooth_jax import report
+from scoresmooth_jax.certification import report
 
 _RUNS = flags.DEFINE_multi_string("run", None, "NAME=PATH of a run (repeat the flag for several runs).")
 _RADII = flags.DEFINE_list("radii", ["0", "0.25", "0.5", "0.75", "1.0"], "Radii of the table's columns.")

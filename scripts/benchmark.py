@@ -42,7 +42,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   # Imported here so that XLA_FLAGS is set before anything can start the JAX backend.
-  from scoresmooth_jax import bench, xla_cpu  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from scoresmooth_jax import bench
+  from scoresmooth_jax.runtime import xla_cpu
 
   if _XLA_FLAGS.value == "recommended":
     xla_cpu.apply_recommended_cpu_flags()

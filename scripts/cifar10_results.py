@@ -23,8 +23,13 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from scoresmooth_jax import certify_job, convert, data, evaluate, export, figures, noise, report, xla_cpu
-from scoresmooth_jax.configs_util import load_config
+from scoresmooth_jax import noise
+from scoresmooth_jax.certification import certify_job, figures, report
+from scoresmooth_jax.datasets import data
+from scoresmooth_jax.modelio import convert, export
+from scoresmooth_jax.runtime import xla_cpu
+from scoresmooth_jax.runtime.configs_util import load_config
+from scoresmooth_jax.training import evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/cifar10_results", "Where every output goes.")
 _SCORE = flags.DEFINE_string("score", "cifar10-cpu", "Score model: shipped name or export directory.")

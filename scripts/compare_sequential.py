@@ -14,8 +14,9 @@ import pathlib
 
 from absl import app, flags
 
-from scoresmooth_jax import certify_job, report, xla_cpu
-from scoresmooth_jax.configs_util import load_config
+from scoresmooth_jax.certification import certify_job, report
+from scoresmooth_jax.runtime import xla_cpu
+from scoresmooth_jax.runtime.configs_util import load_config
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/sequential", "Where the records and the table go.")
 _CLASSIFIER = flags.DEFINE_string("classifier", "workdirs/quickstart/classifier_plain/export", "Classifier export.")

@@ -4,8 +4,8 @@ r"""Converts a PyTorch ResNet classifier checkpoint into a scoresmooth_jax class
       --checkpoint=../shared/fixtures/resnet20-12fca82f.th --output=/tmp/resnet20 \
       --eval_npz=../shared/fixtures/cifar10_test_first1017.npz
 
-Formats, detection and checks: see ``scoresmooth_jax.convert``. The export is read back with
-``scoresmooth_jax.classifier.load_classifier`` before the script reports success, and, with --eval_npz, its
+Formats, detection and checks: see ``scoresmooth_jax.modelio.convert``. The export is read back with
+``scoresmooth_jax.modelio.classifier.load_classifier`` before the script reports success, and, with --eval_npz, its
 top-1 accuracy is printed as "N / M = xx.xx %". Needs PyTorch (`pip install torch==2.13.0`).
 """
 
@@ -14,9 +14,9 @@ from __future__ import annotations
 from absl import app
 from absl import flags
 
-from scoresmooth_jax import classifier
-from scoresmooth_jax import convert
-from scoresmooth_jax import xla_cpu
+from scoresmooth_jax.modelio import classifier
+from scoresmooth_jax.modelio import convert
+from scoresmooth_jax.runtime import xla_cpu
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint file (torch.save) to convert.")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write the classifier export to (overwritten).")

@@ -12,7 +12,10 @@ import numpy as np
 import jax
 from absl import app, flags
 
-from scoresmooth_jax import certify_job, data, denoise, figures, noise, xla_cpu
+from scoresmooth_jax import denoise, noise
+from scoresmooth_jax.certification import certify_job, figures
+from scoresmooth_jax.datasets import data
+from scoresmooth_jax.runtime import xla_cpu
 
 _SCORE = flags.DEFINE_string("score", None, "Score model: export directory, score_sde:<preset>:<path> or "
                              "openai:<preset>:<path.pt>.")

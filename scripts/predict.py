@@ -6,7 +6,8 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from scoresmooth_jax import certify_job, xla_cpu
+from scoresmooth_jax.certification import certify_job
+from scoresmooth_jax.runtime import xla_cpu
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Certification config (configs/certify_*.py).",
                                           lock_config=True)

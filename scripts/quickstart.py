@@ -14,8 +14,12 @@ import time
 import jax
 from absl import app, flags, logging
 
-from scoresmooth_jax import certify_job, data, figures, noise, report, train, xla_cpu
-from scoresmooth_jax.configs_util import load_config
+from scoresmooth_jax import noise
+from scoresmooth_jax.certification import certify_job, figures, report
+from scoresmooth_jax.datasets import data
+from scoresmooth_jax.runtime import xla_cpu
+from scoresmooth_jax.runtime.configs_util import load_config
+from scoresmooth_jax.training import train
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/quickstart", "Where models, records and plots go.")
 _SIGMAS = flags.DEFINE_list("sigmas", ["0.25", "0.5"], "Noise levels to certify at.")

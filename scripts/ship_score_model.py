@@ -17,7 +17,10 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from scoresmooth_jax import data, evaluate, export, xla_cpu
+from scoresmooth_jax.datasets import data
+from scoresmooth_jax.modelio import export
+from scoresmooth_jax.runtime import xla_cpu
+from scoresmooth_jax.training import evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir (export/ and metrics.jsonl).")
 _NAME = flags.DEFINE_string("name", None, "Short name users load the model by.")

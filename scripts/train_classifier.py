@@ -1,4 +1,5 @@
-"""Trains a classifier (plain or with Gaussian noise augmentation): a thin entry point over scoresmooth_jax.train.
+"""Trains a classifier (plain or with Gaussian noise augmentation): a thin entry point over
+``scoresmooth_jax.training.train``.
 
   python scripts/train_classifier.py --config configs/classifier_digits.py --workdir runs/clf_digits
 
@@ -9,7 +10,8 @@ Running the same command again with the same workdir resumes from the latest che
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from scoresmooth_jax import train, xla_cpu
+from scoresmooth_jax.runtime import xla_cpu
+from scoresmooth_jax.training import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/classifier_*.py file (a ':tiny' suffix picks the "
                                           "test variant).", lock_config=True)

@@ -1,4 +1,4 @@
-"""Trains a noise-conditional score network: a thin entry point over scoresmooth_jax.train.
+"""Trains a noise-conditional score network: a thin entry point over scoresmooth_jax.training.train.
 
   python scripts/train_score.py --config configs/score_digits.py --workdir runs/score_digits
 
@@ -9,7 +9,8 @@ Running the same command again with the same workdir resumes from the latest che
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from scoresmooth_jax import train, xla_cpu
+from scoresmooth_jax.runtime import xla_cpu
+from scoresmooth_jax.training import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/score_*.py file (a ':tiny' suffix picks the "
                                           "test variant).", lock_config=True)

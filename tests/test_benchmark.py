@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from scoresmooth_jax import batching, bench, classifier, noise, smoothing, torch_baseline
+from scoresmooth_jax import bench, noise, smoothing
+from scoresmooth_jax.bench import torch_baseline
+from scoresmooth_jax.modelio import classifier
+from scoresmooth_jax.runtime import batching
 from scoresmooth_jax.bench import stages
 from scoresmooth_jax.models import resnet
 

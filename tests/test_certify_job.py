@@ -13,8 +13,11 @@ import jax.numpy as jnp
 import pytest
 import tensorflow_datasets as tfds
 
-from scoresmooth_jax import batching, certify_job, checkpoint, classifier, export, models, records, report, smoothing
-from scoresmooth_jax.configs_util import load_config
+from scoresmooth_jax import models, smoothing
+from scoresmooth_jax.certification import certify_job, records, report
+from scoresmooth_jax.modelio import checkpoint, classifier, export
+from scoresmooth_jax.runtime import batching
+from scoresmooth_jax.runtime.configs_util import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCORE_KWARGS = dict(channels=4, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(), max_groups=4)
@@ -203,7 +206,7 @@ def test_tiny_variants_of_the_dataset_configs_run_under_mock_data(tmp_path, conf
 
 
 def test_score_sde_specs_go_to_the_pretrained_loader(monkeypatch):
-  from scoresmooth_jax import pretrained
+  from scoresmooth_jax.modelio import pretrained
   seen = []
   monkeypatch.setattr(pretrained, "load_score_sde_from_spec", lambda spec: (seen.append(spec) or "fn", 0.01, 50.0))
   assert certify_job.load_score("score_sde:cifar10_ncsnpp_continuous:/ckpt/checkpoint_26") == "fn"

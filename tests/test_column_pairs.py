@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scoresmooth_jax import bench, classifier, convert
+from scoresmooth_jax import bench
+from scoresmooth_jax.modelio import classifier, convert
 from scoresmooth_jax.bench import stages
 from scoresmooth_jax.models import column_pairs, resnet
 

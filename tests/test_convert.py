@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scoresmooth_jax import checkpoint
-from scoresmooth_jax import classifier
-from scoresmooth_jax import convert
+from scoresmooth_jax.modelio import checkpoint
+from scoresmooth_jax.modelio import classifier
+from scoresmooth_jax.modelio import convert
 from scoresmooth_jax.models import get_model
 
 TORCH_REASON = "PyTorch is not installed (pip install torch==2.13.0): checkpoint conversion tests need it"
@@ -281,7 +281,7 @@ def test_missing_torch_names_the_install_command(monkeypatch, tmp_path):
   monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
   with pytest.raises(ImportError, match=r"pip install torch==2\.13\.0"):
     convert.convert_torch_checkpoint(tmp_path / "any.th")
-  code = "import sys, scoresmooth_jax.convert; assert 'torch' not in sys.modules, 'convert imported torch'"
+  code = "import sys, scoresmooth_jax.modelio.convert; assert 'torch' not in sys.modules, 'convert imported torch'"
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=ROOT)
   assert result.returncode == 0, result.stderr[-2000:]

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from scoresmooth_jax import data, sharding
+from scoresmooth_jax.datasets import data
+from scoresmooth_jax.runtime import sharding
 
 
 def test_digits_splits():

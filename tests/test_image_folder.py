@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scoresmooth_jax import data, sharding
+from scoresmooth_jax.datasets import data
+from scoresmooth_jax.runtime import sharding
 
 
 def _write(path, pixels, fmt=None):

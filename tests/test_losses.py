@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from scoresmooth_jax import losses
+from scoresmooth_jax.training import losses
 
 
 def test_dsm_optimum_is_the_gaussian_score():

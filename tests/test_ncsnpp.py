@@ -8,7 +8,7 @@ import pytest
 from flax import traverse_util
 from jax import lax
 
-from scoresmooth_jax import pretrained
+from scoresmooth_jax.modelio import pretrained
 from scoresmooth_jax.models import get_constructor
 from scoresmooth_jax.models import ncsnpp as M
 from scoresmooth_jax.models import ncsnpp_layers as L

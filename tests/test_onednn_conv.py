@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scoresmooth_jax import bench, classifier, convert
+from scoresmooth_jax import bench
+from scoresmooth_jax.modelio import classifier, convert
 from scoresmooth_jax.bench import library_flops, measure, precision
 from scoresmooth_jax.models import onednn_conv, resnet
 

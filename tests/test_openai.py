@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from scoresmooth_jax import certify_job, denoise, openai_diffusion as od
-from scoresmooth_jax.pretrained import PretrainedError
+from scoresmooth_jax import denoise
+from scoresmooth_jax.certification import certify_job
+from scoresmooth_jax.modelio import openai_diffusion as od
+from scoresmooth_jax.modelio.pretrained import PretrainedError
 
 PARITY_TOL = 1e-4  # the bound on max |JAX - PyTorch| of the raw network output
 
@@ -192,7 +194,8 @@ def test_classifier_input_fits_after_the_denoiser():
 
 
 def test_large_weights_are_program_arguments(monkeypatch):
-  from scoresmooth_jax import noise, sharding, smoothing
+  from scoresmooth_jax import noise, smoothing
+  from scoresmooth_jax.runtime import sharding
 
   w = jnp.asarray(np.random.default_rng(0).normal(size=(4 * 4 * 3, 10)), jnp.float32)
   # Closes over its weights, as any closure may, and mixes the batch with values made inside (as a denoiser's

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from scoresmooth_jax import denoise, pretrained
+from scoresmooth_jax import denoise
+from scoresmooth_jax.modelio import pretrained
 from scoresmooth_jax.models import ncsnpp as M
 
 PARITY_TOL = 1e-4  # as in test_ncsnpp.py

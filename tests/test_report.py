@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from scoresmooth_jax import records, report
+from scoresmooth_jax.certification import records, report
 
 
 def rec(idx, label, predict, radius, **extra):

@@ -2,7 +2,7 @@
 
 Each parity test builds a small PyTorch model in the layout of the public checkpoints (akamaster option-A CIFAR
 ResNet, Cohen et al.'s option-B CIFAR ResNet, torchvision's ResNet-50), randomises every weight and BatchNorm
-running statistic, saves it in that format, converts it with ``scoresmooth_jax.convert`` and compares logits on
+running statistic, saves it in that format, converts it with ``scoresmooth_jax.modelio.convert`` and compares logits on
 images in [0, 1] through the whole classifier (normalisation included).
 """
 
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scoresmooth_jax import convert
+from scoresmooth_jax.modelio import convert
 from scoresmooth_jax.models import get_model
 from scoresmooth_jax.models import resnet
 

@@ -7,7 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scoresmooth_jax import certify_job, checkpoint, data, evaluate, export, models
+from scoresmooth_jax import models
+from scoresmooth_jax.certification import certify_job
+from scoresmooth_jax.datasets import data
+from scoresmooth_jax.modelio import checkpoint, export
+from scoresmooth_jax.training import evaluate
 
 SHIPPED = "cifar10-cpu"
 

@@ -9,7 +9,8 @@ import pytest
 from scipy import stats
 from statsmodels.stats.proportion import proportion_confint
 
-from scoresmooth_jax import noise, sharding, smoothing
+from scoresmooth_jax import noise, smoothing
+from scoresmooth_jax.runtime import sharding
 
 D = 4  # image shape (D,): the smoothing code is shape-agnostic
 

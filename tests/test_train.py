@@ -13,7 +13,11 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from scoresmooth_jax import classifier, configs_util, data, denoise, sharding, train, train_state
+from scoresmooth_jax import denoise
+from scoresmooth_jax.datasets import data
+from scoresmooth_jax.modelio import classifier
+from scoresmooth_jax.runtime import configs_util, sharding
+from scoresmooth_jax.training import train, train_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from scoresmooth_jax import xla_cpu
+from scoresmooth_jax.runtime import xla_cpu
 
 FLAG = xla_cpu.RECOMMENDED_CPU_XLA_FLAGS
 
@@ -55,7 +55,8 @@ def test_every_computing_script_applies_the_flags_in_main(script):
 _PROGRAM = r"""
 import re, sys
 import jax, jax.numpy as jnp, numpy as np
-from scoresmooth_jax import bench, losses
+from scoresmooth_jax import bench
+from scoresmooth_jax.training import losses
 from scoresmooth_jax.models import resnet, score_unet
 
 

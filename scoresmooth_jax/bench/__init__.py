@@ -53,7 +53,7 @@ from scoresmooth_jax.bench.memory import measure_peak_memory, probe_memory_in_su
 from scoresmooth_jax.bench.report import markdown_table, write_json
 from scoresmooth_jax.bench.sections import VARIANT_LABELS, run_benchmark
 from scoresmooth_jax.bench.workbench import Case, Workbench, calibrate_classifier, random_variables
-from scoresmooth_jax.xla_cpu import RECOMMENDED_CPU_XLA_FLAGS  # the flags every CPU script runs with
+from scoresmooth_jax.runtime.xla_cpu import RECOMMENDED_CPU_XLA_FLAGS  # the flags every CPU script runs with
 
 __all__ = ["precision", "MIB", "RECOMMENDED_CPU_XLA_FLAGS", "TARGETS", "BenchmarkConfig", "tiny_config",
            "cpu_features", "environment", "xla_cpu_threads", "UNCONTENDED_CORES", "Timing", "interleaved",

@@ -40,7 +40,7 @@ def fixture_agreement(config: BenchmarkConfig, nz: noise.Noise, log) -> dict | N
   """bfloat16 vs float32 label agreement of the trained ResNet-20 fixture on real CIFAR-10 test images."""
   if not config.fixtures_dir:
     return None
-  from scoresmooth_jax import convert  # pylint: disable=import-outside-toplevel
+  from scoresmooth_jax.modelio import convert  # pylint: disable=import-outside-toplevel
 
   directory = os.path.expanduser(config.fixtures_dir)
   checkpoint = os.path.join(directory, "resnet20-12fca82f.th")

@@ -9,7 +9,7 @@ import platform
 
 import jax
 
-from scoresmooth_jax import torch_baseline
+from scoresmooth_jax.bench import torch_baseline
 
 def xla_cpu_threads() -> int:
   """Threads XLA:CPU computes with: its pool has one per CPU this process may run on."""

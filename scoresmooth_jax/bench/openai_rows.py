@@ -40,7 +40,7 @@ def _random_params(preset, seed: int = 0):
   import numpy as np
   from flax import traverse_util
 
-  from scoresmooth_jax import openai_diffusion
+  from scoresmooth_jax.modelio import openai_diffusion
 
   rng = np.random.default_rng(seed)
   flat = traverse_util.flatten_dict(openai_diffusion.expected_params(preset))
@@ -98,7 +98,9 @@ def measure_row(preset_name: str, weights: str, batch_size: int, sigma: float = 
   import jax.numpy as jnp
   import numpy as np
 
-  from scoresmooth_jax import certify_job, denoise, noise, openai_diffusion, smoothing
+  from scoresmooth_jax import denoise, noise, smoothing
+  from scoresmooth_jax.certification import certify_job
+  from scoresmooth_jax.modelio import openai_diffusion
   from scoresmooth_jax.bench.config import BenchmarkConfig
   from scoresmooth_jax.bench.workbench import Workbench
 

@@ -14,7 +14,9 @@ from typing import Callable
 import jax
 import numpy as np
 
-from scoresmooth_jax import batching, smoothing, torch_baseline
+from scoresmooth_jax import smoothing
+from scoresmooth_jax.bench import torch_baseline
+from scoresmooth_jax.runtime import batching
 from scoresmooth_jax.bench.config import MIB, TARGETS, BenchmarkConfig
 from scoresmooth_jax.bench.environment import environment, xla_cpu_threads
 from scoresmooth_jax.bench import precision, stages

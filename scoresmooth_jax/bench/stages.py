@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoresmooth_jax import classifier as classifier_lib
+from scoresmooth_jax.modelio import classifier as classifier_lib
 from scoresmooth_jax.models import column_pairs
 from scoresmooth_jax.models import resnet
 

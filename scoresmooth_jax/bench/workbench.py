@@ -14,13 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from scoresmooth_jax import classifier as classifier_lib
-from scoresmooth_jax import denoise, export, losses, noise, sharding, smoothing, train_state, torch_baseline
-from scoresmooth_jax.bench import precision
+from scoresmooth_jax import denoise, noise, smoothing
+from scoresmooth_jax.bench import precision, torch_baseline
 from scoresmooth_jax.bench.config import BenchmarkConfig
 from scoresmooth_jax.bench.environment import xla_cpu_threads
 from scoresmooth_jax.bench.measure import _flops, _xla_bytes
+from scoresmooth_jax.modelio import classifier as classifier_lib, export
 from scoresmooth_jax.models import resnet, score_unet
+from scoresmooth_jax.runtime import sharding
+from scoresmooth_jax.training import losses, train_state
 
 def random_variables(module, *example_inputs, seed: int = 0) -> dict:
   """Random numpy variables for ``module``: He-normal kernels, small random biases, BatchNorm statistics near
@@ -184,7 +186,7 @@ class Workbench:
     return self._cached("annealed", build)
 
   def ncsnpp_score_fn(self):
-    from scoresmooth_jax import pretrained  # pylint: disable=import-outside-toplevel
+    from scoresmooth_jax.modelio import pretrained  # pylint: disable=import-outside-toplevel
 
     def build():
       preset = pretrained.get_preset("cifar10_ncsnpp_continuous")

@@ -20,7 +20,7 @@ Call: ``module.apply({"params": p}, x, cond)`` with ``x`` NHWC and ``cond`` one 
     log sigma with Gaussian Fourier features and divides its last layer by sigma.
   * VP models (``embedding_type="positional"``, ``centered=True``: DDPM++ continuous): ``x`` is the VP-diffused
     image x_t on the [-1, 1] scale, ``cond`` is the time label score_sde feeds the network (999 t for
-    continuous VP training), and the output is the noise prediction eps. ``scoresmooth_jax.pretrained``
+    continuous VP training), and the output is the noise prediction eps. ``scoresmooth_jax.modelio.pretrained``
     turns such a network into a score on [0, 1] images at our sigma.
 
 Supported settings: everything score_sde's NCSN++ class accepts except ``scale_by_sigma`` with a positional

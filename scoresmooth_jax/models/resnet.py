@@ -9,13 +9,13 @@
 
 Promises:
   * ``module.apply(variables, x, train=False)`` takes NHWC images that are ALREADY normalised (the classifier
-    wrapper, ``scoresmooth_jax.classifier``, normalises) and returns logits [B, num_classes] in ``dtype``.
+    wrapper, ``scoresmooth_jax.modelio.classifier``, normalises) and returns logits [B, num_classes] in ``dtype``.
     Input channels are inferred from ``x``.
   * Padding, strides and BatchNorm (eps 1e-5, running averages updated with PyTorch's momentum 0.1, i.e. Flax
     momentum 0.9) match PyTorch exactly, so converted weights give the same logits up to float rounding.
     Padding is explicit: Flax's "SAME" pads stride-2 convolutions asymmetrically, PyTorch symmetrically.
   * Submodule names mirror PyTorch's (``conv1``, ``bn1``, ``layer2_0``, ``downsample_conv``, ``fc``), which is
-    what ``scoresmooth_jax.convert`` maps onto.
+    what ``scoresmooth_jax.modelio.convert`` maps onto.
   * ``train=True`` uses batch statistics and updates ``batch_stats`` (``mutable=["batch_stats"]``);
     certification always runs with ``train=False``.
   * ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.

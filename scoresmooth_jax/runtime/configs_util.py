@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]  # the repository: scoresmooth_jax/runtime/ is two below
 
 
 def load_config(path, variant: str = "", **overrides):

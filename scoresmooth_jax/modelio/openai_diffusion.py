@@ -60,7 +60,7 @@ import numpy as np
 from flax import traverse_util
 
 from scoresmooth_jax.models.openai_unet import OpenAIUNet, torch_key, torch_order  # noqa: F401 (re-exported)
-from scoresmooth_jax.pretrained import PretrainedError, _per_example, split_spec
+from scoresmooth_jax.modelio.pretrained import PretrainedError, _per_example, split_spec
 
 SPEC_PREFIX = "openai"
 SCHEDULES = ("linear", "cosine")
@@ -357,7 +357,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], preset: Union[str, OpenAIP
 
 def read_state_dict(path) -> Mapping[str, Any]:
   """The state dict of a ``.pt`` file, read with ``torch.load(..., weights_only=True)``."""
-  from scoresmooth_jax import convert  # torch is imported only here
+  from scoresmooth_jax.modelio import convert  # torch is imported only here
 
   try:
     state = convert.load_torch_checkpoint(path)

@@ -46,7 +46,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from scoresmooth_jax import sharding
+from scoresmooth_jax.runtime import sharding
 
 DIGITS = "digits"
 NPZ_PREFIX = "npz:"
@@ -239,7 +239,7 @@ def get_source(name: str, split: str, *, data_dir=None, image_size: int | None =
     path = pathlib.Path(path.format(split=split) if "{split}" in path else path).expanduser()
     source = _load_npz(name, path, split)
   elif name.startswith(FOLDER_PREFIX):
-    from scoresmooth_jax import image_folder  # imports this module: loaded on first use
+    from scoresmooth_jax.datasets import image_folder  # imports this module: loaded on first use
 
     return image_folder.FolderSource(name[len(FOLDER_PREFIX):], split, image_size=image_size)
   else:

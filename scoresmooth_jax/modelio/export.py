@@ -1,6 +1,6 @@
 """Score-model exports: what training writes to ``<workdir>/export`` and the callable that loads it back.
 
-An export is a ``scoresmooth_jax.checkpoint`` model directory with metadata
+An export is a ``scoresmooth_jax.modelio.checkpoint`` model directory with metadata
 ``{"kind": "score", "model", "model_kwargs", "image_shape", "sigma_min", "sigma_max", "ema": true, ...}``
 and variables ``{"params": EMA parameters, "online_params": the raw parameters}``.
 
@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from scoresmooth_jax import checkpoint, denoise, models
+from scoresmooth_jax import denoise, models
+from scoresmooth_jax.modelio import checkpoint
 
 KIND = "score"
 EMA_PARAMS = "params"

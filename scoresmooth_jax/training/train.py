@@ -33,8 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoresmooth_jax import checkpoint, classifier, data, evaluate, losses, models, sharding, train_state
-from scoresmooth_jax.export import ScoreFunction, export_score_model, load_score_fn  # noqa: F401 (re-export)
+from scoresmooth_jax import models
+from scoresmooth_jax.datasets import data
+from scoresmooth_jax.modelio import checkpoint, classifier
+from scoresmooth_jax.runtime import sharding
+from scoresmooth_jax.training import evaluate, losses, train_state
+from scoresmooth_jax.modelio.export import ScoreFunction, export_score_model, load_score_fn  # noqa: F401 (re-export)
 
 TASKS = ("score", "classifier")
 

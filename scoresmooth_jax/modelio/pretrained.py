@@ -312,7 +312,7 @@ def resolve_checkpoint_file(path) -> pathlib.Path:
                             "checkpoint file (e.g. .../cifar10_ncsnpp_continuous/checkpoint_<n>).")
     return max(found)[1]
   raise PretrainedError(f"score_sde checkpoint {path} does not exist: download it from the score_sde README's "
-                        "Google Drive folder (see scoresmooth_jax.pretrained) and pass its path.")
+                        "Google Drive folder (see scoresmooth_jax.modelio.pretrained) and pass its path.")
 
 
 def read_checkpoint_params(path, *, use_ema: bool = True) -> dict:

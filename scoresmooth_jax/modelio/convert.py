@@ -85,8 +85,8 @@ class ConvertedClassifier:
 
   def export(self, path) -> pathlib.Path:
     """Writes the export that ``classifier.load_classifier`` reads; returns its absolute path."""
-    # Imported here so that `import scoresmooth_jax.convert` does not pull in the Orbax stack.
-    from scoresmooth_jax import classifier  # pylint: disable=import-outside-toplevel
+    # Imported here so that `import scoresmooth_jax.modelio.convert` does not pull in the Orbax stack.
+    from scoresmooth_jax.modelio import classifier  # pylint: disable=import-outside-toplevel
 
     return classifier.export_classifier(path, self.module_name, self.model_kwargs, self.variables, self.mean,
                                         self.std, self.num_classes, self.image_shape,
@@ -94,7 +94,7 @@ class ConvertedClassifier:
 
   def to_classifier(self, compute_dtype=None):
     """The converted model as an in-memory ``classifier.Classifier`` (no export needed)."""
-    from scoresmooth_jax import classifier  # pylint: disable=import-outside-toplevel
+    from scoresmooth_jax.modelio import classifier  # pylint: disable=import-outside-toplevel
 
     return classifier.Classifier(module=models.get_model(self.module_name, **self.model_kwargs),
                                  variables=jax.tree.map(jnp.asarray, self.variables), mean=self.mean,

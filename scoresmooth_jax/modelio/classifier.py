@@ -22,7 +22,7 @@ Promises:
     add and ReLU fused (``models.onednn_conv``: bfloat16 stays bfloat16 there) where ``onednn_conv.available``
     says it can; elsewhere on CPU a CIFAR ResNet whose first stage has 9-16 channels runs that stage on column
     pairs (``models.column_pairs``). Both compute the same function by another summation order.
-  * ``export_classifier`` / ``load_classifier`` are the one on-disk format (``scoresmooth_jax.checkpoint`` export
+  * ``export_classifier`` / ``load_classifier`` are the one on-disk format (``modelio.checkpoint`` export
     with ``"kind": "classifier"``) that training code and the PyTorch converter both write; loading restores the
     arrays bit for bit.
 """
@@ -38,9 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoresmooth_jax import checkpoint
+from scoresmooth_jax.modelio import checkpoint
 from scoresmooth_jax import models
-from scoresmooth_jax import sharding
+from scoresmooth_jax.runtime import sharding
 from scoresmooth_jax.models import column_pairs
 from scoresmooth_jax.models import onednn_conv
 from scoresmooth_jax.models import resnet

@@ -25,7 +25,7 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from scoresmooth_jax import sharding
+from scoresmooth_jax.runtime import sharding
 
 SCHEDULES = ("constant", "cosine")
 

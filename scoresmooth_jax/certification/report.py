@@ -38,7 +38,7 @@ def load_records(path) -> list[dict]:
   if not path.is_file():
     raise FileNotFoundError(f"no records at {path}.")
   if path.suffix == ".jsonl":
-    from scoresmooth_jax import records as records_lib
+    from scoresmooth_jax.certification import records as records_lib
     return records_lib.read_jsonl(path)[0]
   return _read_tsv(path)
 

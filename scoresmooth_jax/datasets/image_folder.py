@@ -23,7 +23,7 @@ import pathlib
 
 import numpy as np
 
-from scoresmooth_jax.data import ImageSource, resize_and_crop
+from scoresmooth_jax.datasets.data import ImageSource, resize_and_crop
 
 PREFIX = "folder:"
 EXTENSIONS = (".png", ".jpg", ".jpeg")

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoresmooth_jax import denoise, losses
+from scoresmooth_jax import denoise
+from scoresmooth_jax.training import losses
 
 
 def _key(sigma: float) -> str:

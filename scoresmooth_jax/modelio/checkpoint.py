@@ -46,7 +46,7 @@ def load_metadata(path) -> dict:
   path = pathlib.Path(path).expanduser().resolve()
   if not path.is_dir():
     raise CheckpointError(f"checkpoint {path} does not exist (expected a directory written by "
-                          "scoresmooth_jax.checkpoint.save_model, a training run or the converter).")
+                          "scoresmooth_jax.modelio.checkpoint.save_model, a training run or the converter).")
   meta_file = path / METADATA_FILE
   if not meta_file.is_file():
     raise CheckpointError(f"checkpoint {path} has no {METADATA_FILE}: it is incomplete (interrupted export?) "

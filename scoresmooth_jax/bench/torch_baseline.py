@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from scoresmooth_jax import convert
+from scoresmooth_jax.modelio import convert
 
 TORCH_INSTALL_HINT = ("the PyTorch baseline needs PyTorch: install it with `pip install torch==2.13.0` (the CPU "
                       "build is enough).")

@@ -34,7 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from scoresmooth_jax import batching, denoise, noise as noise_lib, records, sharding, smoothing
+from scoresmooth_jax import denoise, noise as noise_lib, smoothing
+from scoresmooth_jax.certification import records
+from scoresmooth_jax.runtime import batching, sharding
 
 DENOISERS = ("none", "one_step", "annealed")
 CLASSIFIER_INPUTS = ("none", "center_crop", "resize")
@@ -236,12 +238,12 @@ def validate(spec: JobSpec) -> None:
 def load_score(spec: str):
   """A score function from an export directory, ``score_sde:<preset>:<checkpoint>`` or ``openai:<preset>:<path.pt>``."""
   if spec.startswith("score_sde:"):
-    from scoresmooth_jax import pretrained  # only jobs that use published checkpoints need it
+    from scoresmooth_jax.modelio import pretrained  # only jobs that use published checkpoints need it
     return pretrained.load_score_sde_from_spec(spec)[0]
   if spec.startswith("openai:"):
-    from scoresmooth_jax import openai_diffusion
+    from scoresmooth_jax.modelio import openai_diffusion
     return openai_diffusion.load_openai_from_spec(spec)[0]
-  from scoresmooth_jax import export
+  from scoresmooth_jax.modelio import export
   return export.load_score_fn(spec)
 
 
@@ -304,7 +306,8 @@ class Job:
 
 def build_job(config) -> Job:
   """Parses, loads and checks everything; no sampling happens here."""
-  from scoresmooth_jax import classifier as classifier_lib, data  # heavy imports kept off the library path
+  from scoresmooth_jax.datasets import data
+  from scoresmooth_jax.modelio import classifier as classifier_lib  # heavy imports kept off the library path
 
   spec = JobSpec.from_config(config)
   validate(spec)

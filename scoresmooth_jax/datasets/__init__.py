@@ -1,0 +1,6 @@
+"""Image data for training and certification: ``data.get_source(name, split)`` (the embedded digits,
+``npz:`` files, tfds datasets, ``folder:`` image folders via ``image_folder``) and the sharded batches built
+from a source.
+
+The embedded digits stay in the package's ``data/`` folder (package data, no code).
+"""
