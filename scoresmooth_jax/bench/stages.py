@@ -5,9 +5,7 @@ in JAX and in the PyTorch baseline on the same weights and the same activations.
 the classifier, ``torch_parts(model)`` does the same for the ``torch_baseline`` model, ``run_parts`` runs parts in
 order and ``check_composition`` verifies that they compose to the classifier. The parts differ in channel count
 (width, 2 width, 4 width), which is what decides which kernel library XLA:CPU gives a convolution, so a per-part
-ratio says where a whole-network gap comes from. A network that runs on column pairs (``models.column_pairs``)
-is cut the same way: its stem returns column pairs and its layer1 takes them, so each part is timed as the
-network runs it.
+ratio says where a whole-network gap comes from.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from scoresmooth_jax.modelio import classifier as classifier_lib
-from scoresmooth_jax.models import column_pairs
 from scoresmooth_jax.models import resnet
 
 PARTS = ("stem", "layer1", "layer2", "layer3", "head")
@@ -31,12 +28,11 @@ class _Stem(nn.Module):
 
   width: int
   dtype: Any
-  paired: bool
   conv_impl: str
 
   @nn.compact
   def __call__(self, x):
-    return resnet.cifar_stem(self.width, self.dtype, self.paired, impl=self.conv_impl)(x.astype(self.dtype))
+    return resnet.cifar_stem(x.astype(self.dtype), self.width, self.dtype, impl=self.conv_impl)
 
 
 def jax_parts(clf: classifier_lib.Classifier) -> dict[str, Callable]:
@@ -49,10 +45,8 @@ def jax_parts(clf: classifier_lib.Classifier) -> dict[str, Callable]:
   dtype = module.dtype  # the classifier's compute dtype (Classifier clones the module with it)
   mean, std = jnp.asarray(clf.mean, jnp.float32), jnp.asarray(clf.std, jnp.float32)
 
-  paired = resnet.first_stage_paired(module, clf.image_shape[1])  # then layer1 takes and returns column pairs
-
   def stem(x):
-    stem_module = _Stem(module.width, dtype, paired, module.conv_impl)
+    stem_module = _Stem(module.width, dtype, module.conv_impl)
     return stem_module.apply({"params": {"conv1": params["conv1"]}}, (x - mean) / std)
 
   def stage(index: int):
@@ -60,9 +54,9 @@ def jax_parts(clf: classifier_lib.Classifier) -> dict[str, Callable]:
       for block in range(blocks):
         stride = 2 if (index > 0 and block == 0) else 1
         layer = resnet.CifarBasicBlock(module.width * 2**index, stride, module.shortcut, dtype, True,
-                                       paired and index == 0, module.conv_impl)
+                                       conv_impl=module.conv_impl)
         y = layer.apply({"params": params[f"layer{index + 1}_{block}"]}, y)
-      return column_pairs.unpair_columns(y) if paired and index == 0 else y
+      return y
     return run
 
   def head(y):

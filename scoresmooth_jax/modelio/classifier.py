@@ -20,8 +20,7 @@ Promises:
     convolution. The folded function is the one a certificate is then about; fold before certifying, not in
     between. On CPU the folded network runs its convolutions on XLA:CPU's oneDNN kernel with the bias, residual
     add and ReLU fused (``models.onednn_conv``: bfloat16 stays bfloat16 there) where ``onednn_conv.available``
-    says it can; elsewhere on CPU a CIFAR ResNet whose first stage has 9-16 channels runs that stage on column
-    pairs (``models.column_pairs``). Both compute the same function by another summation order.
+    says it can, which computes the same function by another summation order; elsewhere on XLA's convolutions.
   * ``export_classifier`` / ``load_classifier`` are the one on-disk format (``modelio.checkpoint`` export
     with ``"kind": "classifier"``) that training code and the PyTorch converter both write; loading restores the
     arrays bit for bit.
@@ -38,12 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoresmooth_jax.modelio import checkpoint
 from scoresmooth_jax import models
-from scoresmooth_jax.runtime import sharding
-from scoresmooth_jax.models import column_pairs
+from scoresmooth_jax.modelio import checkpoint
 from scoresmooth_jax.models import onednn_conv
 from scoresmooth_jax.models import resnet
+from scoresmooth_jax.runtime import sharding
 
 KIND = "classifier"
 
@@ -188,8 +186,7 @@ class Classifier:
     Args:
       backend: the JAX backend the classifier will run on (default: ``jax.default_backend()``).
       conv_impl: "xla" or "onednn" (``resnet.CONV_IMPLS``); by default "onednn" where
-        ``onednn_conv.available(compute dtype, backend)``, else "xla". With "xla" on "cpu", a ``CifarResNet`` whose
-        first stage ``column_pairs.pays_off`` is also built with ``column_pairs=True``.
+        ``onednn_conv.available(compute dtype, backend)``, else "xla".
     """
     if self.batchnorm_folded:
       return self
@@ -201,9 +198,7 @@ class Classifier:
     elif conv_impl not in resnet.CONV_IMPLS:
       raise ValueError(f"folded(conv_impl={conv_impl!r}): choose one of {resnet.CONV_IMPLS}, or None to choose "
                        "by backend.")
-    paired = (conv_impl == "xla" and isinstance(self.module, resnet.CifarResNet)
-              and column_pairs.pays_off(self.module.width, backend))
-    module = self.module.clone(fold_bn=True, conv_impl=conv_impl, **({"column_pairs": True} if paired else {}))
+    module = self.module.clone(fold_bn=True, conv_impl=conv_impl)
     return dataclasses.replace(self, module=module,
                                variables=jax.tree.map(jnp.asarray, resnet.fold_batchnorm(self.variables)),
                                metadata={**self.metadata, "batchnorm_folded": True})

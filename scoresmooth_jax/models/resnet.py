@@ -24,14 +24,11 @@ Promises:
     variant's parameters (same names for the kernels, ``bias`` added, ``bn*`` and ``batch_stats`` gone), so
     ``model(fold_bn=True).apply(fold_batchnorm(v), x)`` equals ``model.apply(v, x, train=False)`` up to float
     rounding, with a bias add in place of BatchNorm's scale and shift on every activation.
-  * ``CifarResNet(fold_bn=True, column_pairs=True)`` computes the same logits (up to float summation order) with
-    the same parameters, running its stem and first stage on pairs of columns (``column_pairs``), which XLA:CPU
-    computes about 1.2-1.3x faster when that stage is 16 channels wide. Images of odd width run unpaired.
-  * ``conv_impl="onednn"`` (folded networks, CPU, no column pairs) computes the same logits with every convolution,
-    its bias, residual add and ReLU as one call of XLA:CPU's oneDNN kernel (``onednn_conv``), same parameters;
-    ``Classifier.folded()`` chooses it where ``onednn_conv.available``.
-  * With ``conv_impl="xla"``, in the folded networks every ReLU is ``relu_of_sum``: max(u, -v) + v, bit for bit
-    relu(u + v) for finite values, with a threshold XLA:CPU can fuse into the convolution before it (see there).
+  * The folded network has one seam, ``FoldedConv.impl`` (``conv_impl`` of the models): "xla" computes each
+    convolution with ``lax.conv_general_dilated`` and its bias, residual add and ReLU as XLA ops (every backend);
+    "onednn" (folded networks, CPU) computes all of it as one call of XLA:CPU's oneDNN kernel (``onednn_conv``).
+    Same parameters, the same logits up to float summation order; ``Classifier.folded()`` chooses "onednn" where
+    ``onednn_conv.available``.
 """
 
 from __future__ import annotations
@@ -44,7 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scoresmooth_jax.models import column_pairs as pairs
 from scoresmooth_jax.models import onednn_conv
 
 # PyTorch's BatchNorm2d defaults: running = (1 - 0.1) * running + 0.1 * batch, and eps 1e-5.
@@ -78,14 +74,8 @@ def _bn_name(conv_name: str) -> str:
 
 def _folded_conv(x, features: int, kernel: int, stride: int, dtype: Any, name: str, impl: str, relu: bool,
                  residual=None):
-  """[relu](convolution ``name`` + its folded bias [+ ``residual``]). On "xla" the ReLU is ``relu_of_sum``, whose
-  threshold XLA:CPU fuses; on "onednn" all of it is one oneDNN call (``OneDnnConv``)."""
-  if impl == "onednn":
-    return OneDnnConv(features, kernel, stride, dtype, relu, name=name)(x, residual)
-  y, bias = FoldedConv(features, kernel, stride, dtype, name=name)(x)
-  if residual is not None:
-    y, bias = y + bias, residual.astype(y.dtype)
-  return relu_of_sum(y, bias) if relu else y + bias
+  """[relu](convolution ``name`` + its folded bias [+ ``residual``]), computed by ``impl`` (``FoldedConv``)."""
+  return FoldedConv(features, kernel, stride, dtype, relu, impl, name=name)(x, residual)
 
 
 def _conv_bn(x, features: int, kernel: int, stride: int, dtype: Any, name: str, train: bool, fold_bn: bool,
@@ -96,23 +86,9 @@ def _conv_bn(x, features: int, kernel: int, stride: int, dtype: Any, name: str, 
   return _batch_norm(train, dtype, _bn_name(name))(_conv(features, kernel, stride, dtype, name)(x))
 
 
-def relu_of_sum(u: jax.Array, v: jax.Array) -> jax.Array:
-  """relu(u + v) computed as max(u, -v) + v: bit for bit the same for finite values (u + v > 0 exactly when
-  u > -v, and -v + v is exactly 0), with the threshold -v taken from the layer's own data (its bias, or the
-  residual) instead of the constant 0.
-
-  Why: XLA (jaxlib 0.10) merges the zero of every ReLU in a network into one broadcast. On CPU a YNNPACK fusion
-  (convolution plus the elementwise ops after it) takes an operand in only if all of that operand's users are in
-  the fusion, so the shared zero stays outside, materialised at the activation's full size, and every fused
-  convolution reads it from memory. Measured on CIFAR ResNet-110 (BN folded, batch 64, 2 cores): about 8 %
-  of the forward pass. ``-v`` has this one user, so it fuses as a per-channel broadcast.
-  """
-  return jnp.maximum(u, -v) + v
-
-
 def _conv_bn_relu(x, features: int, kernel: int, stride: int, dtype: Any, name: str, train: bool, fold_bn: bool,
                   impl: str = "xla"):
-  """relu(``_conv_bn``(...)). Folded, see ``_folded_conv``; the trainable network keeps ``nn.relu``."""
+  """relu(``_conv_bn``(...)); folded, one ``FoldedConv``."""
   if fold_bn:
     return _folded_conv(x, features, kernel, stride, dtype, name, impl, relu=True)
   return nn.relu(_conv_bn(x, features, kernel, stride, dtype, name, train, fold_bn=False))
@@ -120,22 +96,19 @@ def _conv_bn_relu(x, features: int, kernel: int, stride: int, dtype: Any, name: 
 
 def _conv_bn_add_relu(x, shortcut, features: int, kernel: int, stride: int, dtype: Any, name: str, train: bool,
                       fold_bn: bool, impl: str = "xla"):
-  """A residual block's last convolution and output: relu(``_conv_bn``(x) + shortcut). Folded (inference only),
-  see ``_folded_conv``; the trainable network keeps ``nn.relu``, so its gradients stay exactly relu's
-  (derivative 0 at 0, where max's would split a tie)."""
+  """A residual block's last convolution and output: relu(``_conv_bn``(x) + shortcut); folded, one ``FoldedConv``."""
   if fold_bn:
     return _folded_conv(x, features, kernel, stride, dtype, name, impl, relu=True, residual=shortcut)
   y = _conv_bn(x, features, kernel, stride, dtype, name, train, fold_bn=False)
   return nn.relu(y + shortcut.astype(y.dtype))
 
 
-def _check_conv_impl(conv_impl: str, fold_bn: bool, model: str, column_pairs: bool = False) -> None:
+def _check_conv_impl(conv_impl: str, fold_bn: bool, model: str) -> None:
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f"{model}(conv_impl={conv_impl!r}): choose one of {CONV_IMPLS}.")
-  if conv_impl == "onednn" and (not fold_bn or column_pairs):
-    raise ValueError(f"{model}(conv_impl='onednn') is for the BatchNorm-folded inference network without column "
-                     f"pairs (fold_bn=True, column_pairs=False); got fold_bn={fold_bn}, column_pairs={column_pairs}. "
-                     "Classifier.folded() chooses it where it is available.")
+  if conv_impl == "onednn" and not fold_bn:
+    raise ValueError(f"{model}(conv_impl='onednn') is for the BatchNorm-folded inference network (fold_bn=True); "
+                     f"got fold_bn={fold_bn}. Classifier.folded() chooses it where it is available.")
 
 
 def _check_fold(fold_bn: bool, train: bool, model: str) -> None:
@@ -186,81 +159,51 @@ def fold_batchnorm(variables: Mapping) -> dict:
 
 
 class FoldedConv(nn.Module):
-  """A convolution with BatchNorm folded into it: ``nn.Conv``'s parameters (kernel [k, k, C, O] and bias [O]:
-  the same names, shapes and init, PyTorch's padding k // 2), returning ``(convolution, bias)`` apart so that the
-  ReLU after it takes the bias as its threshold (``relu_of_sum``)."""
+  """A convolution with BatchNorm folded into it and what follows it in a ResNet: [relu](conv(x) + bias
+  [+ residual]). The parameters are ``nn.Conv``'s (kernel [k, k, C, O] and bias [O]: the same names, shapes and
+  init; PyTorch's padding k // 2) whichever ``impl`` computes it:
 
-  features: int
-  kernel_size: int
-  stride: int = 1
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    size, pad = self.kernel_size, self.kernel_size // 2
-    kernel = self.param("kernel", _KERNEL_INIT, (size, size, x.shape[-1], self.features))
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), ((pad, pad), (pad, pad)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y, bias
-
-
-class OneDnnConv(nn.Module):
-  """``FoldedConv``'s parameters (same names, shapes and init), computed as [relu](convolution + bias
-  [+ residual]) in one call of XLA:CPU's oneDNN kernel (``onednn_conv.fused_conv``; the bias stays float32)."""
+  * "xla": ``lax.conv_general_dilated``, then the bias add, residual add and ReLU as XLA ops; every backend.
+  * "onednn": one call of XLA:CPU's oneDNN kernel with all of it fused (``onednn_conv.fused_conv``, whose bias
+    stays float32); CPU only, where ``onednn_conv.available``.
+  """
 
   features: int
   kernel_size: int
   stride: int = 1
   dtype: Any = jnp.float32
   relu: bool = False
+  impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, residual=None):
-    kernel = self.param("kernel", _KERNEL_INIT, (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
+    size, pad = self.kernel_size, self.kernel_size // 2
+    kernel = self.param("kernel", _KERNEL_INIT, (size, size, x.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    residual = None if residual is None else residual.astype(x.dtype)
-    return onednn_conv.fused_conv(x, kernel, bias, self.stride, residual, self.relu)
-
-
-class PairedConv(nn.Module):
-  """A 3x3 stride-1 convolution with a bias on column pairs (``column_pairs``): the parameters of ``nn.Conv``
-  (kernel [3, 3, C, O], bias [O]), applied as ``column_pairs.paired_conv``. Returns ``(convolution, bias)``
-  apart, the bias tiled to the paired channels [2O], as ``FoldedConv`` does."""
-
-  features: int
-  to: str  # the output's pairing: column_pairs.TO_OFFSET, TO_ALIGNED or SAME
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", _KERNEL_INIT, (3, 3, x.shape[-1] // 2, self.features))
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    if self.impl == "onednn":
+      x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+      residual = None if residual is None else residual.astype(x.dtype)
+      return onednn_conv.fused_conv(x, kernel, bias, self.stride, residual, self.relu)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return pairs.paired_conv(x, pairs.paired_kernel(kernel, self.to), self.to), jnp.tile(bias, 2)
+    y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), ((pad, pad), (pad, pad)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+    if residual is not None:
+      y = y + residual.astype(y.dtype)
+    return nn.relu(y) if self.relu else y
 
 
 class CifarBasicBlock(nn.Module):
-  """Two 3x3 convolutions with a residual connection; the first convolution carries the stride.
-
-  With ``column_pairs`` (stride 1, as many channels out as in, BatchNorm folded) the block takes and returns the
-  aligned column pairs [B, H, W/2, 2C] of ``column_pairs.pair_columns``, with the same parameters.
-  """
+  """Two 3x3 convolutions with a residual connection; the first convolution carries the stride."""
 
   features: int
   stride: int
   shortcut: str
   dtype: Any = jnp.float32
   fold_bn: bool = False
-  column_pairs: bool = False
   conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    if self.column_pairs:
-      return self._paired(x, train)
     in_features = x.shape[-1]
     kwargs = dict(dtype=self.dtype, train=train, fold_bn=self.fold_bn, impl=self.conv_impl)
     y = _conv_bn_relu(x, self.features, 3, self.stride, name="conv1", **kwargs)
@@ -275,29 +218,10 @@ class CifarBasicBlock(nn.Module):
         x = _conv_bn(x, self.features, 1, self.stride, name="downsample_conv", **kwargs)
     return _conv_bn_add_relu(y, x, self.features, 3, 1, name="conv2", **kwargs)
 
-  def _paired(self, x, train: bool):
-    if not self.fold_bn or train or self.stride != 1 or x.shape[-1] != 2 * self.features:
-      raise ValueError(f"CifarBasicBlock(column_pairs=True) runs only inference with BatchNorm folded "
-                       f"(fold_bn=True, train=False), stride 1 and {self.features} channels in and out; got "
-                       f"fold_bn={self.fold_bn}, train={train}, stride={self.stride}, input of {x.shape[-1]} "
-                       "paired channels.")
-    # relu(conv1), with the offset pairing's outside columns zeroed: the next convolution's padding.
-    y = pairs.offset_relu_of_sum(*PairedConv(self.features, pairs.TO_OFFSET, self.dtype, name="conv1")(x))
-    y, bias = PairedConv(self.features, pairs.TO_ALIGNED, self.dtype, name="conv2")(y)
-    return relu_of_sum(y + bias, x.astype(y.dtype))
 
-
-def first_stage_paired(module: "CifarResNet", width: int) -> bool:
-  """Whether ``module`` runs its stem and first stage on column pairs for images ``width`` columns wide."""
-  return module.column_pairs and width % 2 == 0
-
-
-def cifar_stem(width: int, dtype: Any, paired: bool, train: bool = False, fold_bn: bool = True, impl: str = "xla"):
-  """The CIFAR ResNet's first convolution (``conv1``, then ``bn1`` unless folded) and its ReLU: images in, or,
-  ``paired``, images in and the aligned column pairs of the first stage out (folded networks only)."""
-  if paired:
-    return lambda x: relu_of_sum(*PairedConv(width, pairs.SAME, dtype, name="conv1")(pairs.pair_columns(x)))
-  return lambda x: _conv_bn_relu(x, width, 3, 1, dtype, "conv1", train, fold_bn, impl)
+def cifar_stem(x, width: int, dtype: Any, train: bool = False, fold_bn: bool = True, impl: str = "xla"):
+  """The CIFAR ResNet's first convolution (``conv1``, then ``bn1`` unless folded) and its ReLU."""
+  return _conv_bn_relu(x, width, 3, 1, dtype, "conv1", train, fold_bn, impl)
 
 
 class CifarResNet(nn.Module):
@@ -310,10 +234,8 @@ class CifarResNet(nn.Module):
     width: channels of the first stage; the stages have width, 2 * width and 4 * width channels.
     dtype: compute dtype (float32 or bfloat16); parameters are float32.
     fold_bn: the inference-only variant with BatchNorm folded into the convolutions (``fold_batchnorm``).
-    column_pairs: with ``fold_bn``, run the stem and first stage on column pairs (``column_pairs``; images of odd
-      width run unpaired): the same function, faster on CPU when ``column_pairs.pays_off(width)``.
-    conv_impl: with ``fold_bn``, how the convolutions run (``CONV_IMPLS``): "xla", or "onednn" for XLA:CPU's
-      oneDNN kernel with the bias, residual add and ReLU fused (``onednn_conv``; CPU only, no column pairs).
+    conv_impl: with ``fold_bn``, how the convolutions run (``CONV_IMPLS``, ``FoldedConv``): "xla", or "onednn"
+      for XLA:CPU's oneDNN kernel with the bias, residual add and ReLU fused (``onednn_conv``; CPU only).
   """
 
   depth: int = 20
@@ -322,7 +244,6 @@ class CifarResNet(nn.Module):
   width: int = 16
   dtype: Any = jnp.float32
   fold_bn: bool = False
-  column_pairs: bool = False
   conv_impl: str = "xla"
 
   @nn.compact
@@ -339,21 +260,14 @@ class CifarResNet(nn.Module):
     if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
       raise ValueError(f"CifarResNet(num_classes={self.num_classes!r}) must be a positive integer.")
     _check_fold(self.fold_bn, train, "CifarResNet")
-    if self.column_pairs and not self.fold_bn:
-      raise ValueError("CifarResNet(column_pairs=True) needs fold_bn=True: column pairs are an inference "
-                       "layout for the BatchNorm-folded network (Classifier.folded() chooses it).")
-    _check_conv_impl(self.conv_impl, self.fold_bn, "CifarResNet", self.column_pairs)
+    _check_conv_impl(self.conv_impl, self.fold_bn, "CifarResNet")
     blocks = (self.depth - 2) // 6
-    paired = first_stage_paired(self, x.shape[2])
-    y = cifar_stem(self.width, self.dtype, paired, train, self.fold_bn, self.conv_impl)(x)
+    y = cifar_stem(x, self.width, self.dtype, train, self.fold_bn, self.conv_impl)
     for stage in range(3):
-      if paired and stage == 1:  # the stem and the first stage run on column pairs
-        y = pairs.unpair_columns(y)
       for block in range(blocks):
         stride = 2 if (stage > 0 and block == 0) else 1
         y = CifarBasicBlock(self.width * 2**stage, stride, self.shortcut, self.dtype, self.fold_bn,
-                            column_pairs=paired and stage == 0, conv_impl=self.conv_impl,
-                            name=f"layer{stage + 1}_{block}")(y, train=train)
+                            conv_impl=self.conv_impl, name=f"layer{stage + 1}_{block}")(y, train=train)
     y = jnp.mean(y, axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(y)
 
