@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import setuptools
 
 import scoresmooth_jax
 
@@ -75,6 +74,7 @@ def test_importing_the_package_loads_no_job_subpackage():
 
 def test_the_wheel_finds_every_subpackage_and_the_package_data_is_in_place():
   # pyproject.toml: [tool.setuptools.packages.find] include = ["scoresmooth_jax*"].
+  setuptools = pytest.importorskip("setuptools", reason="setuptools (the build backend) is not installed")
   found = set(setuptools.find_packages(str(PACKAGE.parent), include=["scoresmooth_jax*"]))
   on_disk = {"scoresmooth_jax." + p.parent.relative_to(PACKAGE).as_posix().replace("/", ".")
              for p in PACKAGE.glob("*/__init__.py")}
