@@ -29,6 +29,8 @@ _DATA = flags.DEFINE_string("data", "", "What the model was trained on, for the 
 _NOTES = flags.DEFINE_string("notes", "", "Anything else a user should know (e.g. the run's history), for the card.")
 _TEST = flags.DEFINE_string("test_npz", "../shared/fixtures/cifar10_test_first1017.npz", "Held-out test images.")
 _SIGMAS = flags.DEFINE_list("sigmas", ["0.12", "0.25", "0.5", "1.0"], "Noise levels of the PSNR table.")
+_STORE_DTYPE = flags.DEFINE_enum("store_dtype", "float32", list(export.STORE_DTYPES),
+                                  "Parameter storage; float16 halves the file (the PSNR is measured on it).")
 _ANNEALED_IMAGES = flags.DEFINE_integer("annealed_images", 1017, "Test images of the annealed column (costly).")
 flags.mark_flags_as_required(["workdir", "name"])
 
@@ -53,7 +55,8 @@ def _training_curve(metrics_file: pathlib.Path):
 def _card_markdown(name: str, card: dict) -> str:
   table = card["psnr_db"]
   lines = [f"# `{name}`: model card", "", f"- Data: {card['data']}", f"- Command: `{card['command']}`",
-           f"- Model: {card['model']} ({card['parameters']:,} parameters), EMA parameters",
+           f"- Model: {card['model']} ({card['parameters']:,} parameters), EMA parameters"
+           f" stored as {card.get('stored_dtype', 'float32')}",
            f"- Training: {card['train_steps']} steps, {card['train_wall_time_min']:.0f} min of training steps on "
            f"{card['trained_on']}", f"- Noise range: sigma in [{card['sigma_min']:g}, {card['sigma_max']:g}]",
            *([f"- Notes: {card['notes']}"] if card.get("notes") else []),
@@ -74,7 +77,9 @@ def main(argv):
   del argv
   xla_cpu.apply_recommended_cpu_flags()
   workdir = pathlib.Path(_WORKDIR.value)
-  score_fn = export.load_score_fn(workdir / "export")
+  # Ship first and measure the stored copy (float16 rounding included), then rewrite it with the full card.
+  export.ship_score_model(workdir / "export", _NAME.value, {}, store_dtype=_STORE_DTYPE.value)
+  score_fn = export.load_score_fn(_NAME.value)
   source = data.get_source(f"npz:{_TEST.value}", "test")
   images = source.get_batch(np.arange(len(source)))[0]
   sigmas = [float(s) for s in _SIGMAS.value]
@@ -90,7 +95,7 @@ def main(argv):
   meta = score_fn.metadata
   card = {
       "data": _DATA.value, "command": _COMMAND.value, "notes": _NOTES.value,
-      "model": f"{meta['model']}({meta['model_kwargs']})",
+      "model": f"{meta['model']}({meta['model_kwargs']})", "stored_dtype": _STORE_DTYPE.value,
       "parameters": int(sum(a.size for a in jax.tree.leaves(score_fn.params))),
       "train_steps": meta.get("train_steps"), "train_wall_time_min": seconds / 60.0,
       "trained_on": "2 CPU cores", "sigma_min": score_fn.sigma_min, "sigma_max": score_fn.sigma_max,
@@ -99,7 +104,7 @@ def main(argv):
       "psnr_db": {f"{s:g}": v for s, v in table.items()}, "training_curve": curve,
       "ci_check": {**CHECK, "one_step_psnr": check["one_step"]},
   }
-  npz = export.ship_score_model(workdir / "export", _NAME.value, card)
+  npz = export.ship_score_model(workdir / "export", _NAME.value, card, store_dtype=_STORE_DTYPE.value)
   (npz.parent / f"{_NAME.value}.md").write_text(_card_markdown(_NAME.value, card))
   print(_card_markdown(_NAME.value, card))
   print(f"wrote {npz} ({npz.stat().st_size / 2**20:.2f} MiB) and its card")

@@ -117,9 +117,14 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_produce_the_records_of_one(tmp_path, digits_models):
+@pytest.mark.parametrize("overrides", [
+    dict(dataset__max=10, denoiser__kind="one_step"),
+    # Sequential: each image's looks draw from folds of its own key, so the split over processes changes nothing.
+    dict(dataset__max=6, denoiser__kind="none", certify__n=160, certify__sequential__enabled=True,
+         certify__sequential__first_look=10, certify__sequential__radii=(0.0, 0.25, 0.5))],
+    ids=["fixed_n", "sequential"])
+def test_two_processes_produce_the_records_of_one(tmp_path, digits_models, overrides):
   clf_path, score_path = digits_models
-  overrides = dict(dataset__max=10, denoiser__kind="one_step")
   expected = certify_job.run_certification(tiny_config(clf_path, score_path, **overrides), tmp_path / "one")
   port = _free_port()
   procs = []

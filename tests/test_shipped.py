@@ -39,6 +39,26 @@ def test_ship_and_load_round_trip(tmp_path, monkeypatch):
     export.load_score_fn("no-such-model")
 
 
+def test_ship_in_float16_halves_the_file_and_loads_as_float32(tmp_path, monkeypatch):
+  kwargs = dict(channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(), max_groups=4)
+  module = models.get_model("score_unet", **kwargs)
+  params = module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), jnp.ones((1,)))["params"]
+  export.export_score_model(tmp_path / "export", "score_unet", kwargs, params, params, (8, 8, 3), 0.01, 1.0)
+  shipped = tmp_path / "shipped"
+  full = export.ship_score_model(tmp_path / "export", "full", {}, out_dir=shipped)
+  half = export.ship_score_model(tmp_path / "export", "half", {}, out_dir=shipped, store_dtype="float16")
+  assert half.stat().st_size < 0.6 * full.stat().st_size
+  monkeypatch.setattr(export, "shipped_dir", lambda: shipped)
+  loaded = export.load_score_fn("half")
+  assert loaded.metadata["stored_dtype"] == "float16"
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(loaded.params))
+  # Exactly the float16 rounding of every parameter, nothing else.
+  rounded = jax.tree.map(lambda a: jnp.asarray(a, jnp.float16).astype(jnp.float32), params)
+  jax.tree.map(np.testing.assert_array_equal, loaded.params, rounded)
+  with pytest.raises(ValueError, match="store_dtype='bfloat16'"):
+    export.ship_score_model(tmp_path / "export", "bad", {}, out_dir=shipped, store_dtype="bfloat16")
+
+
 def test_shipped_cifar10_model_reproduces_its_card(fixtures_dir):
   """Guards the file and the loader: one-step PSNR on 64 real test images at sigma 0.25, as the card says."""
   assert SHIPPED in export.shipped_names()

@@ -7,7 +7,9 @@ and variables ``{"params": EMA parameters, "online_params": the raw parameters}`
 Models shipped inside the package are loaded by short name: ``load_score_fn("cifar10-cpu")``. Each is one
 ``scoresmooth_jax/shipped/<name>.npz`` (the EMA parameters, keys joined by "/") beside ``<name>.json`` (the
 export's metadata plus its model card) and ``<name>.md`` (the card for people); ``ship_score_model`` writes
-them from a training run's export. Nothing is downloaded.
+them from a training run's export. Nothing is downloaded. Parameters may be stored in float16 (half the bytes,
+so a model twice the size fits the package; the card's PSNR is measured on the stored copy) and are always
+loaded back as float32, so compute is unchanged apart from that rounding.
 
 ``load_score_fn(path)`` returns a ``ScoreFunction``: ``score_fn(x, sigma)`` for NHWC batches in [0, 1] and a
 scalar or per-example sigma, pure and jittable, hashable by identity (so compile caches keyed on it work), and
@@ -98,7 +100,11 @@ def shipped_names() -> list[str]:
   return sorted(p.stem for p in shipped_dir().glob("*.npz"))
 
 
-def ship_score_model(export_path, name: str, model_card: dict, out_dir=None) -> pathlib.Path:
+STORE_DTYPES = ("float32", "float16")
+
+
+def ship_score_model(export_path, name: str, model_card: dict, out_dir=None,
+                     store_dtype: str = "float32") -> pathlib.Path:
   """Writes an export's EMA parameters as a shipped model ``name`` (module docstring); returns the .npz path.
 
   Args:
@@ -106,21 +112,25 @@ def ship_score_model(export_path, name: str, model_card: dict, out_dir=None) -> 
     name: the short name users load it by (e.g. "cifar10-cpu").
     model_card: JSON-serialisable facts for the card (data, command, steps, wall time, PSNR table, ...).
     out_dir: where to write (default: the package's ``shipped`` folder).
+    store_dtype: "float32", or "float16" to halve the file (loading casts back to float32).
   """
+  if store_dtype not in STORE_DTYPES:
+    raise ValueError(f"store_dtype={store_dtype!r}: use one of {STORE_DTYPES}.")
   variables, metadata = checkpoint.load_model(export_path, kind=KIND)
   out_dir = pathlib.Path(out_dir) if out_dir is not None else shipped_dir()
   out_dir.mkdir(parents=True, exist_ok=True)
   npz = out_dir / f"{name}.npz"
-  np.savez(npz, **traverse_util.flatten_dict(jax.device_get(variables[EMA_PARAMS]), sep="/"))
-  (out_dir / f"{name}.json").write_text(json.dumps({**metadata, "model_card": model_card}, indent=1,
-                                                   sort_keys=True))
+  flat = traverse_util.flatten_dict(jax.device_get(variables[EMA_PARAMS]), sep="/")
+  np.savez(npz, **{k: np.asarray(v).astype(store_dtype) for k, v in flat.items()})
+  (out_dir / f"{name}.json").write_text(json.dumps({**metadata, "stored_dtype": store_dtype,
+                                                    "model_card": model_card}, indent=1, sort_keys=True))
   return npz
 
 
 def _load_shipped(name: str):
   path = shipped_dir() / f"{name}.npz"
   with np.load(path, allow_pickle=False) as arrays:
-    params = traverse_util.unflatten_dict({key: arrays[key] for key in arrays.files}, sep="/")
+    params = traverse_util.unflatten_dict({key: arrays[key].astype(np.float32) for key in arrays.files}, sep="/")
   metadata = json.loads((shipped_dir() / f"{name}.json").read_text())
   return {EMA_PARAMS: params}, metadata
 
