@@ -115,7 +115,8 @@ def main(argv):
   figures.save_grid(rows, root / "denoising.png")
   budget = (f"n {'up to ' if _SEQUENTIAL.value else ''}{_N.value} ({_ANNEALED_N.value} annealed, L={_LEVELS.value}, "
             f"T={_STEPS.value}){', sequential' if _SEQUENTIAL.value else ''}")
-  print(f"\nCertified accuracy (%) of {_NUM_IMAGES.value} test digits (annealed: the first {_ANNEALED_IMAGES.value}), n0={_N0.value}, {budget}, "
+  print(f"\nCertified accuracy (%) of {_NUM_IMAGES.value} test digits (annealed: the first "
+        f"{_ANNEALED_IMAGES.value}), n0={_N0.value}, {budget}, "
         f"alpha={_ALPHA.value}; radii in each run's norm (l2 for Gaussian, l1 for Laplace/uniform):\n")
   print(markdown)
   print(f"training {trained - start:.0f}s, certification {certified - trained:.0f}s, total {time.time() - start:.0f}s")
