@@ -83,22 +83,23 @@ def main(argv):
     for name, (kind, noise_type, which) in VARIANTS.items():
       config = load_config("configs/certify_digits.py")
       with config.unlocked():
-        config.dataset.max = _ANNEALED_IMAGES.value if kind == "annealed" else _NUM_IMAGES.value
+        annealed = kind == "annealed"  # the costly rows: fewer images and draws
+        config.dataset.max = _ANNEALED_IMAGES.value if annealed else _NUM_IMAGES.value
         config.classifier.path = plain if which == "plain" else noise_trained[sigma]
         config.denoiser.kind = kind
         config.denoiser.score = score
         config.noise.type = noise_type
         config.noise.sigma = sigma
         config.denoiser.num_levels, config.denoiser.steps_per_level = _LEVELS.value, _STEPS.value
-        n = _ANNEALED_N.value if kind == "annealed" else _N.value
+        n = _ANNEALED_N.value if annealed else _N.value
         config.certify.n0, config.certify.n, config.certify.alpha = _N0.value, n, _ALPHA.value
         config.certify.batch_size = _BATCH.value
         config.certify.sequential.enabled = _SEQUENTIAL.value
         config.certify.sequential.radii = tuple(float(r) for r in _RADII.value)
       workdir = root / "certify" / f"{name.replace(' ', '_').replace('-', '_')}_sigma{sigma:g}"
       print(f"--- certify: {name}, sigma={sigma:g}", flush=True)
-      runs[f"{name} sigma={sigma:g}"] = certify_job.run_certification(config, workdir)
-      print(f"    {report.draws_summary(runs[f'{name} sigma={sigma:g}'])}", flush=True)
+      run = runs[f"{name} sigma={sigma:g}"] = certify_job.run_certification(config, workdir)
+      print(f"    {report.draws_summary(run)}", flush=True)
   certified = time.time()
 
   radii = [float(r) for r in _RADII.value]
