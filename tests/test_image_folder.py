@@ -94,3 +94,39 @@ def test_unreadable_file_is_named(tmp_path):
   source = data.get_source(f"folder:{tmp_path}", "train")
   with pytest.raises(ValueError, match=r"cannot read image .*1\.jpg"):
     source[1]
+
+
+def test_load_into_memory_equals_decoding_on_access(tmp_path):
+  _tree(tmp_path, np.random.default_rng(3), per_class=(5, 4, 7))
+  lazy = data.get_source(f"folder:{tmp_path}", "train")
+  kept = data.load_into_memory(lazy, workers=2, chunk=3)  # several chunks, the last one short
+  assert isinstance(kept, data.ArraySource) and kept.num_classes == 3 and len(kept) == 16
+  order = np.random.default_rng(0).permutation(16)
+  for got, want in zip(kept.get_batch(order), lazy.get_batch(order)):
+    np.testing.assert_array_equal(got, want)
+  mesh = sharding.data_mesh()
+  batches = [data.TrainBatches(s, 8, mesh, seed=1, random_flip=True).iterate(0) for s in (lazy, kept)]
+  for _ in range(5):  # the same training batches, step for step
+    (a, la), (b, lb) = next(batches[0]), next(batches[1])
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(la), np.asarray(lb))
+  assert data.load_into_memory(kept) is kept  # already in memory
+
+
+def test_load_into_memory_refuses_too_much_and_non_8bit(tmp_path):
+  _tree(tmp_path, np.random.default_rng(4))
+  lazy = data.get_source(f"folder:{tmp_path}", "train")
+  with pytest.raises(ValueError, match=r"need .* GiB decoded.*data.in_memory=False"):
+    data.load_into_memory(lazy, max_bytes=6 * 6 * 3 * 5)  # 6 images, room for 5
+
+  class HalfSteps(data.ImageSource):  # pixels that are not k / 255
+    name, num_classes, image_shape = "half", 2, (2, 2, 1)
+
+    def __len__(self):
+      return 4
+
+    def __getitem__(self, index):
+      return np.full(self.image_shape, 0.5 / 255, np.float32), index % 2
+
+  with pytest.raises(ValueError, match=r"half: images 0..3 are not 8-bit"):
+    data.load_into_memory(HalfSteps())

@@ -201,6 +201,12 @@ def test_full_configs_build(name, min_params, max_params):
   assert min_params < report["params"] < max_params and report["flops_per_image"] > 0
 
 
+def test_accel_cifar10_model_ships_within_5_mb():
+  """The :accel network is meant to ship with the package: float16 parameters must stay under 5 MB."""
+  report = train.model_report(load_config("score_cifar10", "accel"))
+  assert 1e6 < report["params"] and 2 * report["params"] < 5e6
+
+
 def test_train_score_script_reports_model(tmp_path):
   out = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_score.py"), "--config",
                         str(ROOT / "configs" / "score_digits.py"), "--config.report_only", "--workdir",
@@ -210,8 +216,10 @@ def test_train_score_script_reports_model(tmp_path):
   assert not list(tmp_path.iterdir())  # report only: nothing trained or written
 
 
-def test_cpu_cifar10_config_trains_on_an_image_folder(tmp_path):
-  """The :cpu variant's data path end to end: JPEG folder for training, a separate npz for evaluation."""
+@pytest.mark.parametrize("variant", ["cpu", "accel"])
+def test_small_cifar10_configs_train_on_an_image_folder(tmp_path, variant):
+  """The :cpu and :accel variants' data path end to end: JPEG folder for training (decoded into memory for
+  :accel), a separate npz for evaluation."""
   from PIL import Image
 
   rng = np.random.default_rng(0)
@@ -221,11 +229,14 @@ def test_cpu_cifar10_config_trains_on_an_image_folder(tmp_path):
       Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "train" / name /
                                                                               f"{i}.jpg")
   np.savez(tmp_path / "test.npz", images=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), labels=np.zeros(8, int))
-  config = load_config("score_cifar10", "cpu", data__name=f"folder:{tmp_path / 'imgs'}",
+  k = 2 if variant == "accel" else 1  # :accel dispatches several steps at once
+  config = load_config("score_cifar10", variant, data__name=f"folder:{tmp_path / 'imgs'}",
                        data__eval_name=f"npz:{tmp_path / 'test.npz'}", model__kwargs__channels=8,
-                       train__batch_size=8, train__num_steps=2, train__log_every=1, train__eval_every=2,
-                       train__checkpoint_every=2, eval__batch_size=8, eval__num_examples=8)
+                       train__batch_size=8, train__num_steps=2, train__log_every=k, train__eval_every=2,
+                       train__checkpoint_every=2, train__steps_per_dispatch=k, eval__batch_size=8,
+                       eval__num_examples=8)
   assert config.model.name == "score_unet" and config.data.random_flip
+  assert config.data.in_memory == (variant == "accel")
   metrics = train.train_and_evaluate(config, tmp_path / "run")
   assert np.isfinite(metrics["psnr/denoised/0.25"]) and metrics["psnr/noisy/0.25"] == pytest.approx(12.0, abs=0.3)
   assert train.load_score_fn(tmp_path / "run" / "export").image_shape == (32, 32, 3)

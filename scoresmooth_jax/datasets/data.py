@@ -40,6 +40,7 @@ import dataclasses
 import functools
 import importlib.resources
 import logging
+import os
 import pathlib
 
 import jax
@@ -248,6 +249,45 @@ def get_source(name: str, split: str, *, data_dir=None, image_size: int | None =
     raise ValueError(f"{name} holds {source.image_shape[0]}x{source.image_shape[1]} images; image_size="
                      f"{image_size} would need resizing, which only tfds sources do: set image_size=None.")
   return source
+
+
+def load_into_memory(source: ImageSource, *, workers: int | None = None, chunk: int = 512,
+                     max_bytes: int = 8 << 30) -> ArraySource:
+  """Every image of ``source`` decoded once into host memory (uint8), for fast training on accelerators.
+
+  Decoding image files (Pillow) runs at a few thousand small images per second per core, which starves a GPU
+  or TPU that trains a small network on CIFAR-10-sized data; decoded, the 50,000 CIFAR-10 training images
+  take 150 MB. Chunks are decoded by ``workers`` threads (default: the host's cores; Pillow releases the
+  GIL while decoding). The images are stored as uint8, which is exact: every non-array source here
+  decodes 8-bit pixels and divides by 255 (checked chunk by chunk; a source that is not would raise).
+
+  Raises:
+    ValueError: when the decoded split would exceed ``max_bytes`` (ImageNet-sized data: stream it instead),
+      or when a chunk is not exactly k / 255 per pixel.
+  """
+  if isinstance(source, ArraySource):
+    return source
+  count, shape = len(source), tuple(source.image_shape)
+  needed = count * int(np.prod(shape))
+  if needed > max_bytes:
+    raise ValueError(f"{source.name}: {count} images of {shape} need {needed / 2**30:.1f} GiB decoded, more "
+                     f"than max_bytes={max_bytes / 2**30:.1f} GiB; set data.in_memory=False to decode on access "
+                     "(or raise max_bytes if the host has the memory).")
+  images, labels = np.empty((count, *shape), np.uint8), np.empty((count,), np.int32)
+
+  def decode(start):
+    batch, batch_labels = source.get_batch(np.arange(start, min(start + chunk, count)))
+    as_uint8 = np.rint(batch * 255.0).astype(np.uint8)
+    if not np.array_equal(as_uint8.astype(np.float32) / 255.0, batch):
+      raise ValueError(f"{source.name}: images {start}..{start + len(batch) - 1} are not 8-bit pixels / 255, "
+                       "so they cannot be kept as uint8; set data.in_memory=False.")
+    images[start:start + len(batch)], labels[start:start + len(batch)] = as_uint8, batch_labels
+
+  with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+    for done, _ in enumerate(pool.map(decode, range(0, count, chunk)), 1):
+      if done % 20 == 0 and jax.process_index() == 0:
+        logging.info("decoded %d / %d images of %s", min(done * chunk, count), count, source.name)
+  return ArraySource(f"{source.name} (in memory)", images, labels, num_classes=source.num_classes)
 
 
 def process_slice(num: int, process_index: int | None = None, process_count: int | None = None) -> range:

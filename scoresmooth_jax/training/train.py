@@ -54,6 +54,7 @@ class DataConfig:
   image_shape: tuple[int, int, int]
   random_flip: bool
   random_crop_padding: int
+  in_memory: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +98,8 @@ def _data_config(config) -> DataConfig:
   return DataConfig(name=d.name, eval_name=d.eval_name or d.name, train_split=d.train_split,
                     eval_split=d.eval_split, data_dir=d.data_dir or None,
                     image_size=d.image_size, image_shape=tuple(int(v) for v in d.image_shape),
-                    random_flip=bool(d.random_flip), random_crop_padding=int(d.random_crop_padding))
+                    random_flip=bool(d.random_flip), random_crop_padding=int(d.random_crop_padding),
+                    in_memory=bool(d.in_memory))
 
 
 def _loop_config(config) -> LoopConfig:
@@ -242,7 +244,8 @@ def base_config(task: str, dataset: str, image_shape, *, random_flip: bool, rand
       name=dataset, train_split="train", eval_split="test", data_dir=placeholder(str),
       eval_name=placeholder(str),  # the evaluation dataset when it is not `name` (e.g. a folder with no test split)
       image_size=placeholder(int), image_shape=tuple(image_shape), random_flip=random_flip,
-      random_crop_padding=random_crop_padding))
+      random_crop_padding=random_crop_padding,
+      in_memory=False))  # decode the training split once into host memory (data.load_into_memory)
   config.model = ml_collections.ConfigDict(dict(name=placeholder(str), kwargs=ml_collections.ConfigDict()))
   config.optim = ml_collections.ConfigDict(dict(
       learning_rate=placeholder(float), warmup_steps=placeholder(int), schedule="constant", grad_clip=1.0,
@@ -351,6 +354,8 @@ def train_and_evaluate(config, workdir) -> dict:
   if config.task == "classifier" and config.model.kwargs.num_classes != train_source.num_classes:
     raise ValueError(f"model.kwargs.num_classes={config.model.kwargs.num_classes} but {data_config.name} has "
                      f"{train_source.num_classes} classes; set it to {train_source.num_classes}.")
+  if data_config.in_memory:  # after the checks above, so a wrong config fails before minutes of decoding
+    train_source = data.load_into_memory(train_source)
 
   mesh = sharding.data_mesh()
   replicated = sharding.replicated(mesh)
