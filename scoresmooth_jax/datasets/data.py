@@ -28,7 +28,8 @@ run sees exactly the batches it would have seen. Random horizontal flips are for
 (never for digits, whose mirror images are not digits). Random crops (``random_crop_padding`` p) zero-pad an
 image by p pixels on every side and cut its original size at a uniformly random offset, as torchvision's
 ``RandomCrop(size, padding=p)`` that Cohen et al. train CIFAR-10 classifiers with. ``eval_batches`` pads the
-last batch and masks it.
+last batch and masks it. ``load_into_memory`` decodes a folder or tfds split once into uint8 host memory
+(config ``data.in_memory``), for accelerators that train faster than one thread decodes files.
 """
 
 from __future__ import annotations
