@@ -260,7 +260,9 @@ def load_into_memory(source: ImageSource, *, workers: int | None = None, chunk: 
   or TPU that trains a small network on CIFAR-10-sized data; decoded, the 50,000 CIFAR-10 training images
   take 150 MB. Chunks are decoded by ``workers`` threads (default: the host's cores; Pillow releases the
   GIL while decoding). The images are stored as uint8, which is exact: every non-array source here
-  decodes 8-bit pixels and divides by 255 (checked chunk by chunk; a source that is not would raise).
+  decodes 8-bit pixels and divides by 255 (checked chunk by chunk; a source that is not would raise). On
+  several hosts each process decodes the whole split (``TrainBatches`` then reads its own slice), which is
+  what keeps the row indices, and so the batches, those of decoding on access.
 
   Raises:
     ValueError: when the decoded split would exceed ``max_bytes`` (ImageNet-sized data: stream it instead),
