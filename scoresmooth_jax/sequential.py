@@ -43,10 +43,11 @@ Stopping rules (``settle``, one look for many images at once; ``run`` draws look
     draws (best_j < r, or CP_lower(U_j n_max) <= 1/2). The certificate's radius is radius(L_j) at the stop.
   * Defaults. first_look = 100. With ``radii`` (what a certified-accuracy table reports) tolerance = 0: the
     table is, up to the alpha / K loss, the one n_max draws per image would give, and images stop once they
-    sit between two reported radii. Measured on the quickstart's digits (docs/sequential.md): 7 % of the
-    fixed-n draws in simulation, the same accuracy at every radius. Without ``radii``, tolerance = 5 % of the
-    largest radius any image can reach (all n_max draws hits, level alpha_K: 3.74 sigma for Gaussian noise at
-    n_max = 1e5, alpha = 0.001, so 0.19 sigma): it bounds how much radius a curve loses per image. An image
+    sit between two reported radii. Measured on the quickstart's digits against fixed n = n_max = 100,000
+    (docs/sequential.md): 6-24 % of the draws, the same accuracy within 1 point at every radius (decision mode:
+    0.4-5 %, the same accuracy). Without ``radii``, tolerance = 5 % of the largest radius any image can reach
+    (all n_max draws hits, level alpha_K: 3.74 sigma for Gaussian noise at n_max = 1e5, alpha = 0.001, so
+    0.19 sigma): it bounds how much radius a curve loses per image. An image
     whose every draw hits then stops at n_max / 2 (its radius grows like sigma sqrt(2 ln n): the last
     doubling adds 0.17 sigma), an image with p_A = 0.95 near n_max / 30; ``max_radius`` stops the former
     as soon as it reaches the largest radius you report.
