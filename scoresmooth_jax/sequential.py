@@ -38,7 +38,9 @@ Stopping rules (``settle``, one look for many images at once; ``run`` draws look
   * Radius mode: stop at n_max; when radius(L_j) >= ``max_radius`` (nothing larger is reported); when
     U_j <= 1/2 (abstention settled); when the best radius n_max draws could still give,
     best_j = radius(CP_lower at level alpha_K of U_j * n_max hits in n_max), capped at max_radius, exceeds the
-    current radius(L_j) by at most ``tolerance``; or, given the reported ``radii``, when no reported radius r
+    current radius(L_j) by at most ``tolerance`` and the image is certified (L_j > 1/2) or could not be with
+    n_max draws (that CP_lower <= 1/2: whether it abstains is never left to the tolerance); or, given the
+    reported ``radii``, when no reported radius r
     is still open: the image is certified at r now (L_j > 1/2, radius(L_j) >= r) or could not be with n_max
     draws (best_j < r, or CP_lower(U_j n_max) <= 1/2). The certificate's radius is radius(L_j) at the stop.
   * Defaults. first_look = 100. With ``radii`` (what a certified-accuracy table reports) tolerance = 0: the
@@ -216,7 +218,10 @@ def _settle_distinct(counts: np.ndarray, look: int, the_plan: Plan, nz: noise_li
   best = _radii(nz, best_lower)
   if max_radius is not None:
     best = np.minimum(best, max_radius)
-  stop = (best - current <= tolerance) | (upper <= 0.5) | last
+  # The tolerance is for radii only: an image not yet certified stops by it only once n_max draws could not
+  # certify it either, so certified accuracy at r = 0 stays that of n_max draws.
+  radius_settled = (best - current <= tolerance) & (certified | (best_lower <= 0.5))
+  stop = radius_settled | (upper <= 0.5) | last
   if max_radius is not None:
     stop |= current >= max_radius
   if radii is not None:

@@ -80,6 +80,9 @@ def test_radius_mode_defaults_are_sound_over_a_spread_of_p_a(alpha, rules):
   trials = 4000
   rng = np.random.default_rng(7)
   plan = sequential.plan(3200, alpha, first_look=100)
+  # The quarter of trials at p_A in [0.48, 0.5] go on until abstention is settled, often to n_max; without
+  # max_radius, the tolerance rule also draws n_max / 2 for every image whose draws all hit.
+  budget = 0.75 if rules == "tolerance" else 0.6
   rules = (dict(tolerance=sequential.default_tolerance(NZ, plan)) if rules == "tolerance"
            else dict(radii=(0.0, 0.5, 1.0, 1.5), max_radius=1.5, tolerance=0.0))
   # Near 1/2 a lucky look would certify a class that is not g's; above it, a radius that is too large.
@@ -87,7 +90,7 @@ def test_radius_mode_defaults_are_sound_over_a_spread_of_p_a(alpha, rules):
   certified, radius, used, _ = simulate(p_a, plan, rng, **rules)
   assert over_certification(p_a, certified, radius).mean() <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / trials)
   assert certified.mean() > 0.5  # the check has power: most trials certify a radius
-  assert used.mean() < 0.6 * plan.n_max and (used <= plan.n_max).all()  # and stop early
+  assert used.mean() < budget * plan.n_max and (used <= plan.n_max).all()  # and stop early
 
 
 def test_easy_images_stop_at_the_first_look_and_hard_ones_go_on():
@@ -121,6 +124,21 @@ def test_with_reported_radii_an_image_stops_once_no_reported_radius_is_open():
   # Not yet certified at all (48 % hits), but it could be: radius 0 counts as open.
   unsure = sequential.settle(95, 0, plan, NZ, radii=(0.0,))
   assert not unsure.stop and unsure.p_lower <= 0.5
+
+
+def test_tolerance_never_decides_whether_an_image_abstains():
+  plan = sequential.plan(100_000, 0.001)
+  tolerance, look = sequential.default_tolerance(NZ, plan), len(plan.looks) - 2  # 50,000 draws
+  # 50.5 % hits: not certified yet (p_lower 0.497), and n_max draws could add at most 0.02 sigma of radius,
+  # well within the tolerance; but they could still certify it, so it goes on (stopping would abstain).
+  unsure = sequential.settle(25_250, look, plan, NZ, tolerance=tolerance)
+  assert not unsure.certified and not unsure.stop
+  assert sequential.settle(25_250, look + 1, plan, NZ, tolerance=tolerance).stop  # n_max: the budget is spent
+  # 49 % hits: even n_max draws could not certify it, so abstention is settled now.
+  assert sequential.settle(24_500, look, plan, NZ, tolerance=tolerance).stop
+  # 51 % hits: certified (p_lower 0.502) with at most 0.02 sigma to gain: the tolerance stops it.
+  settled = sequential.settle(25_500, look, plan, NZ, tolerance=tolerance)
+  assert settled.certified and settled.stop
 
 
 def test_run_follows_settle_look_by_look():
