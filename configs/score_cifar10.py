@@ -65,11 +65,11 @@ def _small_config(variant: str):
     config.optim.update(dict(learning_rate=2e-3, warmup_steps=500, schedule="cosine", ema_decay=0.9995))
     config.train.update(dict(batch_size=128, num_steps=30_000, steps_per_dispatch=10, log_every=1000,
                              eval_every=5000, checkpoint_every=5000, keep_checkpoints=2))
-    config.eval.update(dict(batch_size=256, num_examples=1017, loss_buckets=4))
   else:
     config.optim.update(dict(learning_rate=1e-3, warmup_steps=100, schedule="cosine", ema_decay=0.999))
     config.train.update(dict(batch_size=32, num_steps=3500 if wide else 5000, log_every=50, eval_every=500,
                              checkpoint_every=250, keep_checkpoints=2))
-    config.eval.update(dict(batch_size=256, num_examples=512, loss_buckets=4))
+  # Every fixture test image on an accelerator; 512 on CPU, where each evaluation takes time from training.
+  config.eval.update(dict(batch_size=256, num_examples=1017 if accel else 512, loss_buckets=4))
   config.lock()
   return config
