@@ -11,6 +11,7 @@ recomputes), then writes ``scoresmooth_jax/shipped/<name>.{npz,json,md}`` (``exp
 """
 
 import json
+import os
 import pathlib
 
 import jax
@@ -31,6 +32,8 @@ _TEST = flags.DEFINE_string("test_npz", "../shared/fixtures/cifar10_test_first10
 _SIGMAS = flags.DEFINE_list("sigmas", ["0.12", "0.25", "0.5", "1.0"], "Noise levels of the PSNR table.")
 _STORE_DTYPE = flags.DEFINE_enum("store_dtype", "float32", list(export.STORE_DTYPES),
                                   "Parameter storage; float16 halves the file (the PSNR is measured on it).")
+_TRAINED_ON = flags.DEFINE_string("trained_on", "", "The hardware it was trained on, for the card (default: this "
+                                  "machine's devices, right when the script runs where the training ran).")
 _ANNEALED_IMAGES = flags.DEFINE_integer("annealed_images", 1017, "Test images of the annealed column (costly).")
 flags.mark_flags_as_required(["workdir", "name"])
 
@@ -38,8 +41,8 @@ CHECK = dict(num_images=64, sigma=0.25, seed=0)
 
 
 def _training_curve(metrics_file: pathlib.Path):
-  """(eval records [(step, {sigma: one-step dB})], wall time in s) from a run's metrics.jsonl."""
-  curve, seconds, last_step = [], 0.0, None
+  """(eval records [(step, {sigma: one-step dB})], wall time in s, images per eval or None) from metrics.jsonl."""
+  curve, seconds, last_step, examples = [], 0.0, None, None
   for line in metrics_file.read_text().splitlines():
     record = json.loads(line)
     if "steps_per_sec" in record:
@@ -49,7 +52,15 @@ def _training_curve(metrics_file: pathlib.Path):
     elif "eval/psnr/denoised/0.25" in record:
       curve.append((record["step"], {k.rsplit("/", 1)[1]: round(v, 2) for k, v in record.items()
                                      if k.startswith("eval/psnr/denoised/")}))
-  return curve, seconds
+      examples = record.get("eval/examples", examples)
+  return curve, seconds, examples
+
+
+def _local_hardware() -> str:
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    return f"{os.cpu_count()} CPU cores"
+  return f"{jax.device_count()} x {device.device_kind}"
 
 
 def _card_markdown(name: str, card: dict) -> str:
@@ -65,7 +76,8 @@ def _card_markdown(name: str, card: dict) -> str:
            "| sigma | noisy | one-step | annealed |", "|---|---|---|---|"]
   lines += [f"| {s} | {v['noisy']:.2f} | {v['one_step']:.2f} | {v.get('annealed', float('nan')):.2f} |"
             for s, v in table.items()]
-  lines += ["", "Training curve (one-step PSNR on 512 test images, EMA parameters):", "",
+  curve_images = f"{card['curve_images']} test images" if card.get("curve_images") else "the run's evaluation images"
+  lines += ["", f"Training curve (one-step PSNR on {curve_images}, EMA parameters):", "",
             "| step | " + " | ".join(f"sigma {s}" for s in card["training_curve"][0][1]) + " |",
             "|---|" + "---|" * len(card["training_curve"][0][1])]
   lines += [f"| {step} | " + " | ".join(f"{v:.2f}" for v in psnrs.values()) + " |"
@@ -91,17 +103,18 @@ def main(argv):
       table[sigma]["annealed"] = annealed[sigma]["annealed"]
   check = evaluate.denoising_psnr(score_fn, images[:CHECK["num_images"]], [CHECK["sigma"]],
                                   jax.random.key(CHECK["seed"]), annealed=False)[CHECK["sigma"]]
-  curve, seconds = _training_curve(workdir / "metrics.jsonl")
+  curve, seconds, curve_images = _training_curve(workdir / "metrics.jsonl")
   meta = score_fn.metadata
   card = {
       "data": _DATA.value, "command": _COMMAND.value, "notes": _NOTES.value,
       "model": f"{meta['model']}({meta['model_kwargs']})", "stored_dtype": _STORE_DTYPE.value,
       "parameters": int(sum(a.size for a in jax.tree.leaves(score_fn.params))),
       "train_steps": meta.get("train_steps"), "train_wall_time_min": seconds / 60.0,
-      "trained_on": "2 CPU cores", "sigma_min": score_fn.sigma_min, "sigma_max": score_fn.sigma_max,
+      "trained_on": _TRAINED_ON.value or _local_hardware(),
+      "sigma_min": score_fn.sigma_min, "sigma_max": score_fn.sigma_max,
       "psnr_images": f"the first {len(images)} CIFAR-10 test images (annealed column: the first "
                      f"{min(_ANNEALED_IMAGES.value, len(images))})",
-      "psnr_db": {f"{s:g}": v for s, v in table.items()}, "training_curve": curve,
+      "psnr_db": {f"{s:g}": v for s, v in table.items()}, "training_curve": curve, "curve_images": curve_images,
       "ci_check": {**CHECK, "one_step_psnr": check["one_step"]},
   }
   npz = export.ship_score_model(workdir / "export", _NAME.value, card, store_dtype=_STORE_DTYPE.value)

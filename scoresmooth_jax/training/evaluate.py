@@ -71,7 +71,7 @@ def finalize_score(sums: dict, pixels_per_image: int, eval_sigmas, sigma_min: fl
                    num_buckets: int) -> dict:
   """PSNRs and bucket losses from summed ``eval_batch`` outputs."""
   count = float(sums["count"])
-  out = {}
+  out = {"examples": int(count)}  # so that a curve read back from metrics.jsonl says what it was measured on
   for sigma in eval_sigmas:
     for kind in ("noisy", "denoised"):
       mse = float(sums[f"sq_err/{kind}/{_key(sigma)}"]) / (count * pixels_per_image)
