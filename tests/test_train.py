@@ -239,4 +239,5 @@ def test_small_cifar10_configs_train_on_an_image_folder(tmp_path, variant):
   assert config.data.in_memory == (variant == "accel")
   metrics = train.train_and_evaluate(config, tmp_path / "run")
   assert np.isfinite(metrics["psnr/denoised/0.25"]) and metrics["psnr/noisy/0.25"] == pytest.approx(12.0, abs=0.3)
+  assert metrics["examples"] == 8  # the model card reads the curve's image count from here
   assert train.load_score_fn(tmp_path / "run" / "export").image_shape == (32, 32, 3)
