@@ -33,7 +33,7 @@ _SIGMAS = flags.DEFINE_list("sigmas", ["0.12", "0.25", "0.5", "1.0"], "Noise lev
 _STORE_DTYPE = flags.DEFINE_enum("store_dtype", "float32", list(export.STORE_DTYPES),
                                   "Parameter storage; float16 halves the file (the PSNR is measured on it).")
 _TRAINED_ON = flags.DEFINE_string("trained_on", "", "The hardware it was trained on, for the card (default: this "
-                                  "machine's devices, right when the script runs where the training ran).")
+                                  "machine's devices; set it when shipping from another machine).")
 _ANNEALED_IMAGES = flags.DEFINE_integer("annealed_images", 1017, "Test images of the annealed column (costly).")
 flags.mark_flags_as_required(["workdir", "name"])
 
