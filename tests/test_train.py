@@ -128,6 +128,16 @@ def test_checkpoint_stop_resume_is_exact(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
+def test_extending_a_finished_cosine_run_is_refused(tmp_path):
+  """Resuming a run whose cosine reached 0 with more steps would restart at a high rate without warm-up."""
+  cosine = {**FAST_SCORE, "optim__schedule": "cosine", "optim__warmup_steps": 0}
+  train.train_and_evaluate(load_config("score_digits", "tiny", **{**cosine, "train__num_steps": 2,
+                                                                  "train__eval_every": 2}), tmp_path / "run")
+  expected = r"step 2 would raise the learning rate from 0 \(.*num_steps=2,.*to 0\.001 \(train\.num_steps=4"
+  with pytest.raises(ValueError, match=expected):
+    train.train_and_evaluate(load_config("score_digits", "tiny", **cosine), tmp_path / "run")
+
+
 def test_mock_cifar10_end_to_end(tmp_path):
   config = load_config("score_cifar10", "tiny")
   with tfds.testing.mock_data(num_examples=32):

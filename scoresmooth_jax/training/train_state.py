@@ -71,17 +71,21 @@ class OptimConfig:
       raise ValueError(f"optim.ema_decay={self.ema_decay!r} must be in [0, 1) (e.g. 0.999; 0 disables EMA).")
 
 
-def make_optimizer(config: OptimConfig, num_steps: int) -> optax.GradientTransformation:
-  """Clip -> Adam(W) with the configured learning-rate schedule."""
+def learning_rate_schedule(config: OptimConfig, num_steps: int) -> optax.Schedule:
+  """step -> learning rate: linear warm-up from 0, then constant or cosine decay to 0 at ``num_steps``."""
   warmup = max(config.warmup_steps, 0)
   if config.schedule == "cosine":
-    schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(num_steps, warmup + 1))
-  elif warmup:
-    schedule = optax.join_schedules(
+    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(num_steps, warmup + 1))
+  if warmup:
+    return optax.join_schedules(
         [optax.linear_schedule(0.0, config.learning_rate, warmup), optax.constant_schedule(config.learning_rate)],
         [warmup])
-  else:
-    schedule = optax.constant_schedule(config.learning_rate)
+  return optax.constant_schedule(config.learning_rate)
+
+
+def make_optimizer(config: OptimConfig, num_steps: int) -> optax.GradientTransformation:
+  """Clip -> Adam(W) with the configured learning-rate schedule."""
+  schedule = learning_rate_schedule(config, num_steps)
   parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
   if config.weight_decay > 0:
     parts.append(optax.adamw(schedule, weight_decay=config.weight_decay))
