@@ -11,13 +11,13 @@ recomputes), then writes ``scoresmooth_jax/shipped/<name>.{npz,json,md}`` (``exp
 """
 
 import json
-import os
 import pathlib
 
 import jax
 import numpy as np
 from absl import app, flags
 
+from scoresmooth_jax.bench.environment import xla_cpu_threads
 from scoresmooth_jax.datasets import data
 from scoresmooth_jax.modelio import export
 from scoresmooth_jax.runtime import xla_cpu
@@ -59,7 +59,7 @@ def _training_curve(metrics_file: pathlib.Path):
 def _local_hardware() -> str:
   device = jax.devices()[0]
   if device.platform == "cpu":
-    return f"{os.cpu_count()} CPU cores"
+    return f"{xla_cpu_threads()} CPU cores"
   return f"{jax.device_count()} x {device.device_kind}"
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from scoresmooth_jax import models
@@ -296,31 +297,6 @@ def _check_finite(losses_since, first_step: int):
                              "NaNs; the last checkpoint before it is intact.")
 
 
-def _check_resumed_learning_rate(saved_config: dict, optim: train_state.OptimConfig, num_steps: int, step: int):
-  """Refuses to resume where the new settings raise the learning rate well above the checkpointed run's.
-
-  Changing ``train.num_steps`` (or ``optim``) moves the schedule. A small move is harmless (a run extended
-  mid-way), but restarting a decayed cosine at a high rate, with no warm-up, throws away what was learnt: seen
-  here, a 3,500-step run resumed with num_steps 15,000 jumped from 0 to 0.87x the peak and its loss went from
-  0.05 to 0.45 in 50 steps.
-  """
-  try:
-    saved_optim = train_state.OptimConfig(**{f.name: saved_config["optim"][f.name]
-                                             for f in dataclasses.fields(train_state.OptimConfig)})
-    saved_steps = int(saved_config["train"]["num_steps"])
-  except (KeyError, TypeError, ValueError):
-    return  # a checkpoint without the settings: nothing to compare with
-  before = float(train_state.learning_rate_schedule(saved_optim, saved_steps)(step))
-  after = float(train_state.learning_rate_schedule(optim, num_steps)(step))
-  if after > 1.25 * before + 1e-3 * optim.learning_rate:
-    raise ValueError(
-        f"resuming at step {step} would raise the learning rate from {before:.3g} (the checkpoint's settings: "
-        f"train.num_steps={saved_steps}, optim.learning_rate={saved_optim.learning_rate:g}, schedule "
-        f"{saved_optim.schedule!r}) to {after:.3g} (train.num_steps={num_steps}, optim.learning_rate="
-        f"{optim.learning_rate:g}); such a jump without warm-up wrecks the trained weights. Resume with the "
-        "checkpoint's settings, or train in a new workdir.")
-
-
 class _Progress:
   """The stdout progress line and the JSONL metrics file (process 0 only)."""
 
@@ -398,8 +374,10 @@ def train_and_evaluate(config, workdir) -> dict:
   if ckpts.latest_step() is not None:
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                             jax.eval_shape(make_state, init_key))
-    state, saved_config = ckpts.restore(abstract)
-    _check_resumed_learning_rate(saved_config, optim, loop.num_steps, int(state.step))
+    state, saved = ckpts.restore(abstract)
+    saved = ml_collections.ConfigDict(saved)
+    train_state.check_resumed_learning_rate(int(state.step), (_optim_config(saved), saved.train.num_steps),
+                                            (optim, loop.num_steps))
     if jax.process_index() == 0:
       print(f"resuming from {ckpts.directory} at step {int(state.step)}", flush=True)
   else:

@@ -83,6 +83,26 @@ def learning_rate_schedule(config: OptimConfig, num_steps: int) -> optax.Schedul
   return optax.constant_schedule(config.learning_rate)
 
 
+def check_resumed_learning_rate(step: int, saved: tuple[OptimConfig, int], new: tuple[OptimConfig, int]):
+  """Refuses to resume at ``step`` where the new (optim, num_steps) raise the learning rate well above the saved.
+
+  Changing ``train.num_steps`` (or ``optim``) moves the schedule. A small move is harmless (a run extended
+  mid-way), but restarting a decayed cosine at a high rate, with no warm-up, throws away what was learnt: a
+  3,500-step run resumed with num_steps 15,000 jumped from 0 to 0.87x the peak and its loss went from 0.05 to
+  0.45 in 50 steps.
+  """
+  (saved_optim, saved_steps), (optim, num_steps) = saved, new
+  before = float(learning_rate_schedule(saved_optim, saved_steps)(step))
+  after = float(learning_rate_schedule(optim, num_steps)(step))
+  if after > 1.25 * before + 1e-3 * optim.learning_rate:
+    raise ValueError(
+        f"resuming at step {step} would raise the learning rate from {before:.3g} (the checkpoint's settings: "
+        f"train.num_steps={saved_steps}, optim.learning_rate={saved_optim.learning_rate:g}, schedule "
+        f"{saved_optim.schedule!r}) to {after:.3g} (train.num_steps={num_steps}, optim.learning_rate="
+        f"{optim.learning_rate:g}); such a jump without warm-up wrecks the trained weights. Resume with the "
+        "checkpoint's settings, or train in a new workdir.")
+
+
 def make_optimizer(config: OptimConfig, num_steps: int) -> optax.GradientTransformation:
   """Clip -> Adam(W) with the configured learning-rate schedule."""
   schedule = learning_rate_schedule(config, num_steps)
