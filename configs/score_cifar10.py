@@ -10,6 +10,8 @@ trained on the 50,000 CIFAR-10 training images as a JPEG folder, evaluated on th
   python scripts/train_score.py --config configs/score_cifar10.py:cpu --workdir workdirs/score_cifar10_cpu
 (the same command resumes; point --config.data.name=folder:PATH / --config.data.eval_name at other copies).
 `:cpu_wide` is the wider run tried after it (48 channels, focused sigma sampling, 3,500 steps; not shipped).
+`:cpu_long` is that network at `:accel`'s learning rate, 2e-3, for 10,000 steps: about 3.6 h on 2 cores, run over
+several sittings (the same command resumes; --config.data.name=folder:PATH as above).
 `:accel` is the same network for one GPU/TPU: batch 128, 30,000 steps (77 epochs), the training split decoded
 once into memory (data.in_memory) so that decoding JPEGs does not starve the accelerator; 1.88M parameters,
 3.8 MB when shipped as float16 (`scripts/ship_score_model.py --store_dtype=float16`). docs/cifar10.md says
@@ -28,9 +30,9 @@ from scoresmooth_jax.training.train import base_config
 
 
 def get_config(variant: str = ""):
-  if variant not in ("", "tiny", "cpu", "cpu_wide", "accel"):
-    raise ValueError(f"unknown variant {variant!r}: use '', 'tiny', 'cpu', 'cpu_wide' or 'accel'.")
-  if variant in ("cpu", "cpu_wide", "accel"):
+  if variant not in ("", "tiny", "cpu", "cpu_wide", "cpu_long", "accel"):
+    raise ValueError(f"unknown variant {variant!r}: use '', 'tiny', 'cpu', 'cpu_wide', 'cpu_long' or 'accel'.")
+  if variant in ("cpu", "cpu_wide", "cpu_long", "accel"):
     return _small_config(variant)
   tiny = variant == "tiny"
   config = base_config("score", "cifar10", (32, 32, 3), random_flip=True)
@@ -52,24 +54,27 @@ def get_config(variant: str = ""):
 
 def _small_config(variant: str):
   """The small score U-Net trained on the CIFAR-10 JPEG folder (module docstring): 2 CPU cores or one accelerator."""
-  wide, accel = variant in ("cpu_wide", "accel"), variant == "accel"
+  wide, accel, long = variant in ("cpu_wide", "cpu_long", "accel"), variant == "accel", variant == "cpu_long"
   config = base_config("score", "folder:data/cifar10", (32, 32, 3), random_flip=True)
   config.data.eval_name = "npz:../shared/fixtures/cifar10_test_first1017.npz"
   config.data.in_memory = accel  # 150 MB decoded; on CPU, decoding on access hides behind the step
   config.model.name = "score_unet"
   config.model.kwargs.update(dict(channels=48 if wide else 32, channel_mults=(1, 2, 2), num_res_blocks=1,
                                   attention_resolutions=(), max_groups=8))
-  if wide:  # cpu_wide was tried, not shipped (docs/cifar10.md): 2.2x the FLOPs, half its sigmas in [0.1, 1]
+  if wide:  # 2.2x the FLOPs of :cpu, half its sigmas in [0.1, 1] (docs/cifar10.md)
     config.sigma.update(dict(focus_min=0.1, focus_prob=0.5))
   if accel:  # 4x the CPU batch at 2x its learning rate (sqrt scaling), a longer warm-up, a slower EMA
     config.optim.update(dict(learning_rate=2e-3, warmup_steps=500, schedule="cosine", ema_decay=0.9995))
     config.train.update(dict(batch_size=128, num_steps=30_000, steps_per_dispatch=10, log_every=1000,
                              eval_every=5000, checkpoint_every=5000, keep_checkpoints=2))
   else:
-    config.optim.update(dict(learning_rate=1e-3, warmup_steps=100, schedule="cosine", ema_decay=0.999))
-    config.train.update(dict(batch_size=32, num_steps=3500 if wide else 5000, log_every=50, eval_every=500,
-                             checkpoint_every=250, keep_checkpoints=2))
-  # Every fixture test image on an accelerator; 512 on CPU, where each evaluation takes time from training.
-  config.eval.update(dict(batch_size=256, num_examples=1017 if accel else 512, loss_buckets=4))
+    # 2e-3 led 1e-3 at every evaluation of a 3,500-step :cpu_wide run (docs/cifar10.md), so the long run uses it
+    config.optim.update(dict(learning_rate=2e-3 if long else 1e-3, warmup_steps=100, schedule="cosine",
+                             ema_decay=0.999))
+    config.train.update(dict(batch_size=32, num_steps={"cpu": 5000, "cpu_wide": 3500, "cpu_long": 10_000}[variant],
+                             log_every=50, eval_every=1000 if long else 500, checkpoint_every=250,
+                             keep_checkpoints=2))
+  # Every fixture test image where evaluations are rare; 512 on the short CPU runs, where each takes from training.
+  config.eval.update(dict(batch_size=256, num_examples=1017 if accel or long else 512, loss_buckets=4))
   config.lock()
   return config

@@ -217,6 +217,22 @@ def test_accel_cifar10_model_ships_within_5_mb():
   assert 1e6 < report["params"] and 2 * report["params"] < 5e6
 
 
+def test_long_cpu_cifar10_run_is_the_measured_wide_run_at_the_higher_learning_rate():
+  """docs/cifar10.md compares :cpu_long with the :cpu_wide runs: only the schedule and evaluation may differ."""
+  def flat(tree, prefix=""):
+    items = {}
+    for key, value in tree.items():
+      items.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return items
+
+  wide = flat(json.loads(load_config("score_cifar10", "cpu_wide").to_json()))
+  long = flat(json.loads(load_config("score_cifar10", "cpu_long").to_json()))
+  changed = {key: (wide[key], long[key]) for key in wide if wide[key] != long[key]}
+  assert changed == {"optim.learning_rate": (1e-3, 2e-3), "train.num_steps": (3500, 10_000),
+                     "train.eval_every": (500, 1000), "eval.num_examples": (512, 1017)}
+  assert set(long) == set(wide)
+
+
 def test_train_score_script_reports_model(tmp_path):
   out = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_score.py"), "--config",
                         str(ROOT / "configs" / "score_digits.py"), "--config.report_only", "--workdir",
