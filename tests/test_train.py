@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 import tensorflow_datasets as tfds
+from flax import traverse_util
 
 from scoresmooth_jax import denoise
 from scoresmooth_jax.datasets import data
@@ -219,14 +220,10 @@ def test_accel_cifar10_model_ships_within_5_mb():
 
 def test_long_cpu_cifar10_run_is_the_measured_wide_run_at_the_higher_learning_rate():
   """docs/cifar10.md compares :cpu_long with the :cpu_wide runs: only the schedule and evaluation may differ."""
-  def flat(tree, prefix=""):
-    items = {}
-    for key, value in tree.items():
-      items.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
-    return items
+  def flat(variant):
+    return traverse_util.flatten_dict(json.loads(load_config("score_cifar10", variant).to_json()), sep=".")
 
-  wide = flat(json.loads(load_config("score_cifar10", "cpu_wide").to_json()))
-  long = flat(json.loads(load_config("score_cifar10", "cpu_long").to_json()))
+  wide, long = flat("cpu_wide"), flat("cpu_long")
   changed = {key: (wide[key], long[key]) for key in wide if wide[key] != long[key]}
   assert changed == {"optim.learning_rate": (1e-3, 2e-3), "train.num_steps": (3500, 10_000),
                      "train.eval_every": (500, 1000), "eval.num_examples": (512, 1017)}
