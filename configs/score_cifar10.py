@@ -12,6 +12,9 @@ trained on the 50,000 CIFAR-10 training images as a JPEG folder, evaluated on th
 `:cpu_wide` is the wider run tried after it (48 channels, focused sigma sampling, 3,500 steps; not shipped).
 `:cpu_long` is that network at `:accel`'s learning rate, 2e-3, for 10,000 steps: about 3.6 h on 2 cores, run over
 several sittings (the same command resumes; --config.data.name=folder:PATH as above).
+`:cpu_long_more` trains that result further (a new run started from its export with train.init_from, default
+workdirs/score_cifar10_long/export): 10,000 more steps, learning rate 1e-3 after 500 warm-up steps, cosine:
+  python scripts/train_score.py --config configs/score_cifar10.py:cpu_long_more --workdir workdirs/score_cifar10_more
 `:accel` is the same network for one GPU/TPU: batch 128, 30,000 steps (77 epochs), the training split decoded
 once into memory (data.in_memory) so that decoding JPEGs does not starve the accelerator; 1.88M parameters,
 3.8 MB when shipped as float16 (`scripts/ship_score_model.py --store_dtype=float16`). docs/cifar10.md says
@@ -20,7 +23,7 @@ Model size only:
   python scripts/train_score.py --config configs/score_cifar10.py --config.report_only --workdir /tmp/unused
 
 The network is score_sde's NCSN++ (continuous VE: Gaussian Fourier features of log sigma, output divided by
-sigma; 62.8M parameters), so its parameters can also be warm-started from score_sde's published checkpoint.
+sigma; 62.8M parameters), the network of score_sde's published checkpoints (`score_sde:` specs load those).
 Optimisation follows score_sde (Adam 2e-4, 5000 warmup steps, clipping at 1, EMA 0.9999, batch 128). The
 sigma range differs on purpose: smoothing denoises at sigma <= 1, so training covers [0.01, 1.5] (a margin above 1.0) rather
 than score_sde's [0.01, 50], which spends the capacity where certification needs it.
@@ -28,11 +31,13 @@ than score_sde's [0.01, 50], which spends the capacity where certification needs
 
 from scoresmooth_jax.training.train import base_config
 
+SMALL_VARIANTS = ("cpu", "cpu_wide", "cpu_long", "cpu_long_more", "accel")
+
 
 def get_config(variant: str = ""):
-  if variant not in ("", "tiny", "cpu", "cpu_wide", "cpu_long", "accel"):
-    raise ValueError(f"unknown variant {variant!r}: use '', 'tiny', 'cpu', 'cpu_wide', 'cpu_long' or 'accel'.")
-  if variant in ("cpu", "cpu_wide", "cpu_long", "accel"):
+  if variant not in ("", "tiny") + SMALL_VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}: use '', 'tiny', " + ", ".join(map(repr, SMALL_VARIANTS)) + ".")
+  if variant in SMALL_VARIANTS:
     return _small_config(variant)
   tiny = variant == "tiny"
   config = base_config("score", "cifar10", (32, 32, 3), random_flip=True)
@@ -54,7 +59,9 @@ def get_config(variant: str = ""):
 
 def _small_config(variant: str):
   """The small score U-Net trained on the CIFAR-10 JPEG folder (module docstring): 2 CPU cores or one accelerator."""
-  wide, accel, long = variant in ("cpu_wide", "cpu_long", "accel"), variant == "accel", variant == "cpu_long"
+  more = variant == "cpu_long_more"
+  wide, accel, long = variant in ("cpu_wide", "cpu_long", "cpu_long_more", "accel"), variant == "accel", variant in (
+      "cpu_long", "cpu_long_more")
   config = base_config("score", "folder:data/cifar10", (32, 32, 3), random_flip=True)
   config.data.eval_name = "npz:../shared/fixtures/cifar10_test_first1017.npz"
   config.data.in_memory = accel  # 150 MB decoded; on CPU, decoding on access hides behind the step
@@ -71,9 +78,13 @@ def _small_config(variant: str):
     # 2e-3 led 1e-3 at every evaluation of a 3,500-step :cpu_wide run (docs/cifar10.md), so the long run uses it
     config.optim.update(dict(learning_rate=2e-3 if long else 1e-3, warmup_steps=100, schedule="cosine",
                              ema_decay=0.999))
-    config.train.update(dict(batch_size=32, num_steps={"cpu": 5000, "cpu_wide": 3500, "cpu_long": 10_000}[variant],
+    config.train.update(dict(batch_size=32, num_steps={"cpu": 5000, "cpu_wide": 3500, "cpu_long": 10_000,
+                                                        "cpu_long_more": 10_000}[variant],
                              log_every=50, eval_every=1000 if long else 500, checkpoint_every=250,
                              keep_checkpoints=2))
+  if more:  # a second cosine from :cpu_long's result, at half its peak rate after a longer warm-up
+    config.optim.update(dict(learning_rate=1e-3, warmup_steps=500))
+    config.train.init_from = "workdirs/score_cifar10_long/export"
   # Every fixture test image where evaluations are rare; 512 on the short CPU runs, where each takes from training.
   config.eval.update(dict(batch_size=256, num_examples=1017 if accel or long else 512, loss_buckets=4))
   config.lock()

@@ -12,6 +12,8 @@ Promises:
     last ``train.keep_checkpoints`` kept. The same command with the same workdir resumes from the latest one
     and, since batches and keys depend only on (seed, step), continues exactly as an uninterrupted run would.
   * ``<workdir>/metrics.jsonl``: one JSON record per log / evaluation step; a progress line goes to stdout.
+  * ``train.init_from`` (score models): a fresh run starts from the EMA parameters of a score export or a
+    shipped model of the same architecture, with a fresh optimizer and schedule (``warm_start.py``).
   * ``<workdir>/export``: the inference model, written at the end: ``export.load_score_fn`` reads score
     models, ``classifier.load_classifier`` classifiers.
 
@@ -38,7 +40,7 @@ from scoresmooth_jax import models
 from scoresmooth_jax.datasets import data
 from scoresmooth_jax.modelio import checkpoint, classifier
 from scoresmooth_jax.runtime import sharding
-from scoresmooth_jax.training import evaluate, losses, train_state
+from scoresmooth_jax.training import evaluate, losses, train_state, warm_start
 from scoresmooth_jax.modelio.export import ScoreFunction, export_score_model, load_score_fn  # noqa: F401 (re-export)
 
 TASKS = ("score", "classifier")
@@ -198,6 +200,9 @@ def build_task(config) -> Task:
   """The task of ``config`` (model, loss, evaluation, export), validated; no data is read."""
   if config.task not in TASKS:
     raise ValueError(f"task={config.task!r}: choose one of {TASKS}.")
+  if config.train.get("init_from") and config.task != "score":
+    raise ValueError(f"train.init_from={config.train.init_from!r}: starting from saved parameters is for score "
+                     "models (task='score'); unset it.")
   image_shape = _data_config(config).image_shape
   if config.task == "score":
     return _score_task(config, image_shape)
@@ -255,7 +260,8 @@ def base_config(task: str, dataset: str, image_shape, *, random_flip: bool, rand
       batch_size=placeholder(int), num_steps=placeholder(int),
       steps_per_dispatch=1,  # XLA:CPU runs convs in loop bodies slowly (train_state.py); raise it on TPU/GPU
       log_every=placeholder(int), eval_every=placeholder(int), checkpoint_every=placeholder(int),
-      keep_checkpoints=2))
+      keep_checkpoints=2,
+      init_from=""))  # score models: an export dir or shipped name to start from (warm_start.py)
   eval_common = dict(batch_size=placeholder(int), num_examples=placeholder(int))
   if task == "score":
     config.sigma = ml_collections.ConfigDict(dict(sigma_min=0.01, sigma_max=1.0,
@@ -382,6 +388,12 @@ def train_and_evaluate(config, workdir) -> dict:
       print(f"resuming from {ckpts.directory} at step {int(state.step)}", flush=True)
   else:
     state = train_state.jit_init(make_state, mesh, init_key)(init_key)
+    if config.train.get("init_from"):  # a fresh run only: a resumed one continues from its checkpoint
+      params = warm_start.initial_params(config.train.init_from, task.model_name, config.model.kwargs.to_dict(),
+                                         data_config.image_shape, state.params)
+      state = warm_start.warm_started(state, params, replicated)
+      if jax.process_index() == 0:
+        print(f"starting from the parameters of {config.train.init_from}", flush=True)
   step = int(state.step)
   config_json = json.loads(config.to_json())
 

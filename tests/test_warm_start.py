@@ -1,0 +1,72 @@
+"""train.init_from: a score run that starts from the EMA parameters of an export or a shipped model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scoresmooth_jax import models
+from scoresmooth_jax.modelio import export
+from scoresmooth_jax.runtime import configs_util
+from scoresmooth_jax.training import train, warm_start
+
+KWARGS = dict(channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(), max_groups=4)
+
+
+def _params(key, channels=1, **kwargs):
+  module = models.get_model("score_unet", **{**KWARGS, **kwargs})
+  return module.init(jax.random.key(key), jnp.zeros((1, 8, 8, channels)), jnp.ones((1,)))["params"]
+
+
+def _export(path, params, channels=1):
+  online = jax.tree.map(lambda a: a + 1.0, params)  # must not be what the new run starts from
+  export.export_score_model(path, "score_unet", KWARGS, params, online, (8, 8, channels), 0.01, 1.0)
+  return str(path)
+
+
+def test_initial_params_are_the_exports_ema_parameters(tmp_path):
+  saved, fresh = _params(0), _params(1)
+  got = warm_start.initial_params(_export(tmp_path / "export", saved), "score_unet", dict(KWARGS), (8, 8, 1), fresh)
+  jax.tree.map(np.testing.assert_array_equal, got, saved)
+  assert jax.tree.structure(got) == jax.tree.structure(fresh)
+
+
+def test_a_different_network_is_refused_with_both_described(tmp_path):
+  spec = _export(tmp_path / "export", _params(0))
+  with pytest.raises(ValueError, match=r"is score_unet\(.*'channels': 8.* but the config trains score_unet\(.*"
+                                       r"'channels': 16"):
+    warm_start.initial_params(spec, "score_unet", {**KWARGS, "channels": 16}, (8, 8, 1), _params(1))
+  with pytest.raises(ValueError, match="but the config trains ncsnpp"):
+    warm_start.initial_params(spec, "ncsnpp", dict(KWARGS), (8, 8, 1), _params(1))
+  rgb = _export(tmp_path / "rgb", _params(0, channels=3), channels=3)  # same network, colour images
+  with pytest.raises(ValueError, match=r"trained on images of shape \(8, 8, 3\), the config trains on \(8, 8, 1\)"):
+    warm_start.initial_params(rgb, "score_unet", dict(KWARGS), (8, 8, 1), _params(1))
+  with pytest.raises(ValueError, match=r"train.init_from='.*missing' could not be loaded"):
+    warm_start.initial_params(str(tmp_path / "missing"), "score_unet", dict(KWARGS), (8, 8, 1), _params(1))
+
+
+def test_a_run_started_from_an_export_starts_from_its_ema_parameters(tmp_path, capsys):
+  fast = dict(train__num_steps=4, train__log_every=2, train__eval_every=4, train__checkpoint_every=2)
+  # Another seed than the runs below, so the source is far from their random initialisation.
+  train.train_and_evaluate(configs_util.load_config("configs/score_digits.py", "tiny", seed=1, **fast), tmp_path / "a")
+  source = train.load_score_fn(tmp_path / "a" / "export").params
+  # A learning rate of ~0 keeps the parameters where they start, so the new export shows the starting point.
+  still = dict(fast, train__num_steps=2, train__eval_every=2, optim__learning_rate=1e-12,
+               train__init_from=str(tmp_path / "a" / "export"))
+  train.train_and_evaluate(configs_util.load_config("configs/score_digits.py", "tiny", **still), tmp_path / "b")
+  assert "starting from the parameters of" in capsys.readouterr().out
+  for use_ema in (True, False):  # both the parameters and their EMA started from the source's EMA parameters
+    got = train.load_score_fn(tmp_path / "b" / "export", use_ema=use_ema).params
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), got, source)
+  # Without init_from the same settings start from their random initialisation, far from the source.
+  train.train_and_evaluate(configs_util.load_config("configs/score_digits.py", "tiny",
+                                                    **{**still, "train__init_from": ""}), tmp_path / "c")
+  fresh = train.load_score_fn(tmp_path / "c" / "export").params
+  assert max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(fresh), jax.tree.leaves(source))) > 0.01
+
+
+def test_classifiers_cannot_start_from_a_score_model(tmp_path):
+  config = configs_util.load_config("configs/classifier_digits.py", "tiny", train__init_from="cifar10-cpu")
+  with pytest.raises(ValueError, match="train.init_from='cifar10-cpu': starting from saved parameters is for score"):
+    train.train_and_evaluate(config, tmp_path)
+  assert not (tmp_path / "checkpoints").exists()
