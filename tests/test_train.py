@@ -26,6 +26,10 @@ def load_config(name: str, variant: str = "", **overrides):
   return configs_util.load_config(f"configs/{name}.py", variant, **overrides)
 
 
+def flat_config(name: str, variant: str) -> dict:
+  return traverse_util.flatten_dict(json.loads(load_config(name, variant).to_json()), sep=".")
+
+
 def read_metrics(workdir):
   return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -220,10 +224,7 @@ def test_accel_cifar10_model_ships_within_5_mb():
 
 def test_long_cpu_cifar10_run_is_the_measured_wide_run_at_the_higher_learning_rate():
   """docs/cifar10.md compares :cpu_long with the :cpu_wide runs: only the schedule and evaluation may differ."""
-  def flat(variant):
-    return traverse_util.flatten_dict(json.loads(load_config("score_cifar10", variant).to_json()), sep=".")
-
-  wide, long = flat("cpu_wide"), flat("cpu_long")
+  wide, long = flat_config("score_cifar10", "cpu_wide"), flat_config("score_cifar10", "cpu_long")
   changed = {key: (wide[key], long[key]) for key in wide if wide[key] != long[key]}
   assert changed == {"optim.learning_rate": (1e-3, 2e-3), "train.num_steps": (3500, 10_000),
                      "train.eval_every": (500, 1000), "eval.num_examples": (512, 1017)}
@@ -232,10 +233,7 @@ def test_long_cpu_cifar10_run_is_the_measured_wide_run_at_the_higher_learning_ra
 
 def test_cifar10_run_that_continues_the_long_run_changes_only_its_start_and_schedule():
   """:cpu_long_more starts from the export that the documented :cpu_long command writes, with a new schedule."""
-  def flat(variant):
-    return traverse_util.flatten_dict(json.loads(load_config("score_cifar10", variant).to_json()), sep=".")
-
-  long, more = flat("cpu_long"), flat("cpu_long_more")
+  long, more = flat_config("score_cifar10", "cpu_long"), flat_config("score_cifar10", "cpu_long_more")
   changed = {key: (long[key], more[key]) for key in long if long[key] != more[key]}
   assert changed == {"optim.learning_rate": (2e-3, 1e-3), "optim.warmup_steps": (100, 500),
                      "train.init_from": ("", "workdirs/score_cifar10_long/export")}
