@@ -59,7 +59,8 @@ def get_config(variant: str = ""):
 
 def _small_config(variant: str):
   """The small score U-Net trained on the CIFAR-10 JPEG folder (module docstring): 2 CPU cores or one accelerator."""
-  wide, accel, long, more = variant != "cpu", variant == "accel", variant.startswith("cpu_long"), variant == "cpu_long_more"
+  wide, accel = variant != "cpu", variant == "accel"  # every small variant but :cpu is the 48-channel network
+  long, more = variant.startswith("cpu_long"), variant == "cpu_long_more"
   config = base_config("score", "folder:data/cifar10", (32, 32, 3), random_flip=True)
   config.data.eval_name = "npz:../shared/fixtures/cifar10_test_first1017.npz"
   config.data.in_memory = accel  # 150 MB decoded; on CPU, decoding on access hides behind the step
