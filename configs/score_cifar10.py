@@ -4,14 +4,14 @@ Run (a TPU/GPU host; tfds downloads cifar10 on first use):
   python scripts/train_score.py --config configs/score_cifar10.py --workdir runs/score_cifar10
 Tiny variant (CPU tests, mock or real cifar10; one level, no attention, so it compiles fast):
   python scripts/train_score.py --config configs/score_cifar10.py:tiny --workdir /tmp/score_cifar10_tiny
-CPU variant (2 cores, about 1 hour at 1.5 steps/s; ships with the package as `cifar10-cpu`): a small score U-Net
+CPU variant (2 cores, about 1 hour at 1.5 steps/s; the first `cifar10-cpu` shipped with the package): a score U-Net
 trained on the 50,000 CIFAR-10 training images as a JPEG folder, evaluated on the lossless fixture test images:
   mkdir -p data/cifar10 && tar xf ../shared/data/cifar10_train_jpeg.tar -C data/cifar10
   python scripts/train_score.py --config configs/score_cifar10.py:cpu --workdir workdirs/score_cifar10_cpu
 (the same command resumes; point --config.data.name=folder:PATH / --config.data.eval_name at other copies).
 `:cpu_wide` is the wider run tried after it (48 channels, focused sigma sampling, 3,500 steps; not shipped).
 `:cpu_long` is that network at `:accel`'s learning rate, 2e-3, for 10,000 steps: about 3.6 h on 2 cores, run over
-several sittings (the same command resumes; --config.data.name=folder:PATH as above).
+several sittings (the same command resumes; --config.data.name=folder:PATH as above); it ships as `cifar10-cpu`.
 `:cpu_long_more` trains that result further (a new run started from its export with train.init_from, default
 workdirs/score_cifar10_long/export): 10,000 more steps, learning rate 1e-3 after 500 warm-up steps, cosine:
   python scripts/train_score.py --config configs/score_cifar10.py:cpu_long_more --workdir workdirs/score_cifar10_more
