@@ -12,8 +12,8 @@ trained on the 50,000 CIFAR-10 training images as a JPEG folder, evaluated on th
 `:cpu_wide` is the wider run tried after it (48 channels, focused sigma sampling, 3,500 steps; not shipped).
 `:cpu_long` is that network at `:accel`'s learning rate, 2e-3, for 10,000 steps: about 3.6 h on 2 cores, run over
 several sittings (the same command resumes; --config.data.name=folder:PATH as above); it ships as `cifar10-cpu`.
-`:cpu_long_more` trains that result further (a new run started from its export with train.init_from, default
-workdirs/score_cifar10_long/export): 10,000 more steps, learning rate 1e-3 after 500 warm-up steps, cosine:
+`:cpu_long_more` trains that result further (a new run started with train.init_from from the shipped `cifar10-cpu`,
+so no :cpu_long workdir is needed): 10,000 more steps, learning rate 1e-3 after 500 warm-up steps, cosine:
   python scripts/train_score.py --config configs/score_cifar10.py:cpu_long_more --workdir workdirs/score_cifar10_more
 `:accel` is the same network for one GPU/TPU: batch 128, 30,000 steps (77 epochs), the training split decoded
 once into memory (data.in_memory) so that decoding JPEGs does not starve the accelerator; 1.88M parameters,
@@ -83,7 +83,7 @@ def _small_config(variant: str):
                              keep_checkpoints=2))
   if more:  # a second cosine from :cpu_long's result, at half its peak rate after a longer warm-up
     config.optim.update(dict(learning_rate=1e-3, warmup_steps=500))
-    config.train.init_from = "workdirs/score_cifar10_long/export"
+    config.train.init_from = "cifar10-cpu"  # :cpu_long's EMA parameters as shipped (float16, upcast)
   # Every fixture test image where evaluations are rare; 512 on the short CPU runs, where each takes from training.
   config.eval.update(dict(batch_size=256, num_examples=1017 if accel or long else 512, loss_buckets=4))
   config.lock()

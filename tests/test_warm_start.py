@@ -65,6 +65,20 @@ def test_a_run_started_from_an_export_starts_from_its_ema_parameters(tmp_path, c
   assert max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(fresh), jax.tree.leaves(source))) > 0.01
 
 
+def test_the_cifar10_continuation_starts_from_the_shipped_model_as_float32():
+  """configs/score_cifar10.py:cpu_long_more needs no earlier workdir: the shipped float16 parameters, upcast."""
+  config = configs_util.load_config("configs/score_cifar10.py", "cpu_long_more")
+  module = models.get_model(config.model.name, **config.model.kwargs)
+  like = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.ones((1,)))["params"])
+  got = warm_start.initial_params(config.train.init_from, config.model.name, config.model.kwargs.to_dict(),
+                                  (32, 32, 3), like)
+  shipped = export.load_score_fn(config.train.init_from).params
+  assert jax.tree.structure(got) == jax.tree.structure(like)
+  for value, saved in zip(jax.tree.leaves(got), jax.tree.leaves(shipped)):
+    assert value.dtype == jnp.float32
+    np.testing.assert_array_equal(value, np.asarray(saved, np.float32))
+
+
 def test_classifiers_cannot_start_from_a_score_model(tmp_path):
   config = configs_util.load_config("configs/classifier_digits.py", "tiny", train__init_from="cifar10-cpu")
   with pytest.raises(ValueError, match="train.init_from='cifar10-cpu': starting from saved parameters is for score"):
