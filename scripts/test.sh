@@ -3,6 +3,7 @@
 # test extra, and runs pytest on 8 simulated CPU devices. Extra arguments go to pytest.
 #   bash scripts/test.sh                 # everything
 #   bash scripts/test.sh tests/test_smoothing.py -k counts
+#   bash scripts/test.sh -n 2            # two pytest-xdist workers, as CI runs it (faster on 2+ cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh test
