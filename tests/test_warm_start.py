@@ -68,9 +68,10 @@ def test_a_run_started_from_an_export_starts_from_its_ema_parameters(tmp_path, c
 def test_the_cifar10_continuation_starts_from_the_shipped_model_as_float32():
   """configs/score_cifar10.py:cpu_long_more needs no earlier workdir: the shipped float16 parameters, upcast."""
   config = configs_util.load_config("configs/score_cifar10.py", "cpu_long_more")
-  module, shape = models.get_model(config.model.name, **config.model.kwargs), tuple(config.data.image_shape)
-  like = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, *shape)), jnp.ones((1,)))["params"])
-  got = warm_start.initial_params(config.train.init_from, config.model.name, config.model.kwargs.to_dict(), shape, like)
+  task = train.build_task(config)  # the network train_score.py builds; eval_shape allocates nothing
+  like = jax.eval_shape(task.init_variables, jax.random.key(0))["params"]
+  got = warm_start.initial_params(config.train.init_from, task.model_name, config.model.kwargs.to_dict(),
+                                  tuple(config.data.image_shape), like)
   shipped = export.load_score_fn(config.train.init_from).params
   assert jax.tree.structure(got) == jax.tree.structure(like)
   for value, saved in zip(jax.tree.leaves(got), jax.tree.leaves(shipped)):
