@@ -17,8 +17,9 @@ so no :cpu_long workdir is needed): 10,000 more steps, learning rate 1e-3 after 
   python scripts/train_score.py --config configs/score_cifar10.py:cpu_long_more --workdir workdirs/score_cifar10_more
 `:accel` is the same network for one GPU/TPU: batch 128, 30,000 steps (77 epochs), the training split decoded
 once into memory (data.in_memory) so that decoding JPEGs does not starve the accelerator; 1.88M parameters,
-3.8 MB when shipped as float16 (`scripts/ship_score_model.py --store_dtype=float16`). docs/cifar10.md says
-how to run it and what it has been measured to give.
+3.8 MB when shipped as float16 (`scripts/ship_score_model.py --store_dtype=float16`);
+`scripts/accel_cifar10.sh` trains, ships and certifies it in one command sized to a time budget. docs/cifar10.md
+says how to run it and what it has been measured to give.
 Model size only:
   python scripts/train_score.py --config configs/score_cifar10.py --config.report_only --workdir /tmp/unused
 
