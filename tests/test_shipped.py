@@ -39,6 +39,31 @@ def test_ship_and_load_round_trip(tmp_path, monkeypatch):
     export.load_score_fn("no-such-model")
 
 
+def test_a_card_psnr_table_is_reused_only_for_the_setup_it_was_measured_with(tmp_path, monkeypatch):
+  kwargs = dict(channels=8, channel_mults=(1,), num_res_blocks=1, attention_resolutions=(), max_groups=4)
+  module = models.get_model("score_unet", **kwargs)
+  params = module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), jnp.ones((1,)))["params"]
+  export.export_score_model(tmp_path / "export", "score_unet", kwargs, params, params, (8, 8, 3), 0.01, 1.0)
+  images = np.asarray(jax.random.uniform(jax.random.key(1), (6, 8, 8, 3)))
+  sigmas = [0.25, 0.5]
+  package_card = export.load_score_fn(SHIPPED).metadata  # shipped before cards recorded their setup
+  shipped = tmp_path / "shipped"
+  monkeypatch.setattr(export, "shipped_dir", lambda: shipped)
+  export.ship_score_model(tmp_path / "export", "tiny", {}, out_dir=shipped, store_dtype="float16")
+  table = evaluate.denoising_psnr(export.load_score_fn("tiny"), images, sigmas, jax.random.key(0))
+  setup = evaluate.psnr_setup("fixtures/test.npz", len(images), sigmas, 0)
+  card = {"psnr_db": {f"{s:g}": v for s, v in table.items()}, "psnr_setup": setup}
+  export.ship_score_model(tmp_path / "export", "tiny", card, out_dir=shipped, store_dtype="float16")
+  loaded = export.load_score_fn("tiny")
+  # What the reuse stands in for: measuring the same table again gives exactly the card's.
+  again = evaluate.denoising_psnr(loaded, images, sigmas, jax.random.key(0))
+  assert evaluate.card_psnr_table(loaded.metadata, evaluate.psnr_setup("test.npz", 6, sigmas, 0)) == again
+  for other in (evaluate.psnr_setup("test.npz", 5, sigmas, 0), evaluate.psnr_setup("test.npz", 6, sigmas[::-1], 0),
+                evaluate.psnr_setup("test.npz", 6, sigmas, 1), evaluate.psnr_setup("other.npz", 6, sigmas, 0)):
+    assert evaluate.card_psnr_table(loaded.metadata, other) is None
+  assert evaluate.card_psnr_table(package_card, setup) is None
+
+
 def test_ship_in_float16_halves_the_file_and_loads_as_float32(tmp_path, monkeypatch):
   kwargs = dict(channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(), max_groups=4)
   module = models.get_model("score_unet", **kwargs)

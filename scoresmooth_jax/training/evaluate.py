@@ -15,6 +15,7 @@ comparable.
 from __future__ import annotations
 
 import math
+import pathlib
 from typing import Callable
 
 import jax
@@ -160,3 +161,24 @@ def denoising_psnr(score_fn, images: np.ndarray, sigmas, key, *, batch_size: int
     pixels = float(np.prod(images.shape))
     out[float(sigma)] = {k: psnr(float(v) / pixels) for k, v in jax.device_get(sums).items()}
   return out
+
+
+def psnr_setup(test_file, num_images: int, sigmas, seed: int) -> dict:
+  """What fixes a ``denoising_psnr`` table whose annealed column covers every image: a model card records it.
+
+  The noise depends on the seed and on each sigma's position in ``sigmas``, so the list's order is part of it.
+  """
+  return {"test_file": pathlib.PurePath(test_file).name, "images": int(num_images),
+          "sigmas": [float(s) for s in sigmas], "seed": int(seed)}
+
+
+def card_psnr_table(metadata: dict, setup: dict) -> dict | None:
+  """The ``denoising_psnr`` table of a shipped model's card if it was measured with ``setup``, else None.
+
+  Shipping measures the table on the stored parameters; a later report of the same setup reuses it rather than
+  running the annealed denoiser over every image again.
+  """
+  card = metadata.get("model_card") or {}
+  if card.get("psnr_setup") != setup:
+    return None
+  return {float(sigma): row for sigma, row in card["psnr_db"].items()}
