@@ -113,14 +113,22 @@ def finalize_classifier(sums: dict) -> dict:
 
 
 def run(eval_batch_jit, variables, batches, key) -> dict:
-  """Sums ``eval_batch_jit(variables, *batch, fold_in(key, i))`` over the batches, on device until the end."""
-  total = None
-  for i, batch in enumerate(batches):
-    sums = eval_batch_jit(variables, *batch, jax.random.fold_in(key, i))
-    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-  if total is None:
+  """Sums ``eval_batch_jit(variables, *batch, fold_in(key, i))`` over the batches, in float64 on the host.
+
+  The per-batch sums stay on the device until every batch is dispatched (the host never waits in the loop),
+  then are fetched together and added exactly (``math.fsum``): statistics are float64, not float32 sums.
+  """
+  per_batch = [eval_batch_jit(variables, *batch, jax.random.fold_in(key, i)) for i, batch in enumerate(batches)]
+  if not per_batch:
     raise ValueError("evaluation got no batches: the evaluation split is empty.")
-  return jax.device_get(total)
+  return host_sum(per_batch)
+
+
+def host_sum(per_batch: list) -> dict:
+  """``{name: float}``, the exact float64 sum over a list of dicts of device arrays (every element counts)."""
+  fetched = jax.device_get(per_batch)
+  return {name: math.fsum(np.concatenate([np.asarray(part[name], np.float64).ravel() for part in fetched]))
+          for name in fetched[0]}
 
 
 def psnr(mse: float) -> float:
@@ -152,14 +160,13 @@ def denoising_psnr(score_fn, images: np.ndarray, sigmas, key, *, batch_size: int
       outputs = {"noisy": y, "one_step": denoise.one_step(score_fn, y, nz.sigma)}
       if annealed:
         outputs["annealed"] = denoise.annealed(score_fn, y, nz)
-      return {k: jnp.sum(jnp.square(v - x)) for k, v in outputs.items()}
+      # per image: the batch and the image count are summed in float64 on the host
+      return {k: jnp.sum(jnp.square(v - x).reshape(x.shape[0], -1), axis=-1) for k, v in outputs.items()}
 
-    sums = None
-    for b, start in enumerate(range(0, len(images), batch_size)):
-      errors = sq_errors(jnp.asarray(images[start:start + batch_size]), jax.random.fold_in(sigma_key, b))
-      sums = errors if sums is None else jax.tree.map(jnp.add, sums, errors)
+    sums = host_sum([sq_errors(jnp.asarray(images[start:start + batch_size]), jax.random.fold_in(sigma_key, b))
+                     for b, start in enumerate(range(0, len(images), batch_size))])
     pixels = float(np.prod(images.shape))
-    out[float(sigma)] = {k: psnr(float(v) / pixels) for k, v in jax.device_get(sums).items()}
+    out[float(sigma)] = {k: psnr(v / pixels) for k, v in sums.items()}
   return out
 
 
