@@ -76,7 +76,7 @@ def finalize_score(sums: dict, pixels_per_image: int, eval_sigmas, sigma_min: fl
   for sigma in eval_sigmas:
     for kind in ("noisy", "denoised"):
       mse = float(sums[f"sq_err/{kind}/{_key(sigma)}"]) / (count * pixels_per_image)
-      out[f"psnr/{kind}/{_key(sigma)}"] = -10.0 * math.log10(mse)
+      out[f"psnr/{kind}/{_key(sigma)}"] = psnr(mse)
     out[f"psnr/gain/{_key(sigma)}"] = out[f"psnr/denoised/{_key(sigma)}"] - out[f"psnr/noisy/{_key(sigma)}"]
   edges = np.geomspace(sigma_min, sigma_max, num_buckets + 1)
   for b in range(num_buckets):
