@@ -6,6 +6,9 @@ On the lossless test images of ``--fixtures_dir`` (the first 1017 of the officia
   1. denoising PSNR (noisy, one-step, annealed with the library defaults) at each --psnr_sigmas, taken from the
      model card where shipping measured the same table (evaluate.card_psnr_table) ->
      psnr.md / psnr.json;
+     and the one-step PSNR of the same images JPEG-encoded as the training data was (--jpeg_quality, 4:2:0):
+     the training domain, which shows what the lossy training copies cost on lossless images ->
+     psnr_jpeg.md / psnr_jpeg.json;
   2. a grid of clean, noisy, one-step and annealed levels at sigma 0.25 and 1.0 -> denoising.png;
   3. certification of the real pretrained ResNet-20 (converted from the PyTorch checkpoint with the package)
      with no denoiser and one-step at each --sigmas on the first --num_images images, and the annealed
@@ -38,6 +41,8 @@ _FIXTURES = flags.DEFINE_string("fixtures_dir", "../shared/fixtures", "Folder wi
                                 "and resnet20-12fca82f.th.")
 _PSNR_SIGMAS = flags.DEFINE_list("psnr_sigmas", ["0.12", "0.25", "0.5", "1.0"], "Noise levels of the PSNR table.")
 _PSNR_IMAGES = flags.DEFINE_integer("psnr_images", 1017, "Test images of the PSNR table.")
+_JPEG_QUALITY = flags.DEFINE_integer("jpeg_quality", 75, "JPEG quality of the training copies (Pillow's default, "
+                                     "as ../shared/data's were saved) for psnr_jpeg; 0 skips it.")
 _SIGMAS = flags.DEFINE_list("sigmas", ["0.12", "0.25", "0.5"], "Noise levels certified without and with one-step.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 100, "First test images certified (no denoiser, one-step).")
 _ANNEALED_SIGMA = flags.DEFINE_float("annealed_sigma", 0.25, "Noise level of the annealed runs.")
@@ -62,7 +67,7 @@ def _classifier(root: pathlib.Path, fixtures: pathlib.Path) -> str:
   return str(path)
 
 
-def _psnr_table(score_fn, images, root: pathlib.Path) -> str:
+def _psnr_table(score_fn, images, root: pathlib.Path) -> tuple[dict, str]:
   out = root / "psnr.json"
   if out.exists():
     table = {float(k): v for k, v in json.loads(out.read_text()).items()}
@@ -78,6 +83,30 @@ def _psnr_table(score_fn, images, root: pathlib.Path) -> str:
   lines += [f"| {s:g} | {v['noisy']:.2f} | {v['one_step']:.2f} | {v['annealed']:.2f} |" for s, v in table.items()]
   markdown = "\n".join(lines) + "\n"
   (root / "psnr.md").write_text(markdown)
+  return table, markdown
+
+
+def _jpeg_psnr_table(score_fn, images, lossless: dict, root: pathlib.Path) -> str:
+  """One-step PSNR on the JPEG versions of the PSNR images (clean = the JPEG), beside the lossless figures."""
+  out = root / "psnr_jpeg.json"
+  if out.exists():
+    result = json.loads(out.read_text())
+  else:
+    images = images[:_PSNR_IMAGES.value]
+    jpeg = evaluate.jpeg_roundtrip(images, _JPEG_QUALITY.value)
+    gap = evaluate.psnr(float(np.mean(np.square(jpeg.astype(np.float64) - images))))
+    sigmas = [float(s) for s in _PSNR_SIGMAS.value]  # same order and key as psnr.json: the same noise
+    table = evaluate.denoising_psnr(score_fn, jpeg, sigmas, jax.random.key(0), annealed=False)
+    result = {"quality": _JPEG_QUALITY.value, "images": len(images), "jpeg_vs_lossless_db": gap,
+              "one_step_db": {f"{s:g}": table[s]["one_step"] for s in sigmas}}
+    out.write_text(json.dumps(result, indent=1))
+  lines = [f"JPEG quality {result['quality']} (4:2:0) against the lossless images: "
+           f"{result['jpeg_vs_lossless_db']:.2f} dB over {result['images']} images.", "",
+           "| sigma | noisy | one-step, lossless | one-step, JPEG |", "|---|---|---|---|"]
+  lines += [f"| {s:g} | {v['noisy']:.2f} | {v['one_step']:.2f} | {result['one_step_db'][f'{s:g}']:.2f} |"
+            for s, v in lossless.items()]
+  markdown = "\n".join(lines) + "\n"
+  (root / "psnr_jpeg.md").write_text(markdown)
   return markdown
 
 
@@ -107,8 +136,11 @@ def main(argv):
   score_fn = export.load_score_fn(_SCORE.value)
   source = data.get_source(f"npz:{fixtures / TEST_IMAGES}", "test")
   images = source.get_batch(np.arange(len(source)))[0]  # however many the file holds (1017 in the fixtures)
-  psnr = _psnr_table(score_fn, images, root)
+  table, psnr = _psnr_table(score_fn, images, root)
   print(f"denoising PSNR (dB) on {min(_PSNR_IMAGES.value, len(images))} test images:\n{psnr}", flush=True)
+  if _JPEG_QUALITY.value:
+    print(f"one-step PSNR (dB) in the training data's JPEG domain:\n"
+          f"{_jpeg_psnr_table(score_fn, images, table, root)}", flush=True)
   rows = figures.denoising_rows(score_fn, images[:3], [noise.Gaussian(0.25), noise.Gaussian(1.0)],
                                 jax.random.key(0))
   figures.save_grid(rows, root / "denoising.png")
@@ -133,7 +165,7 @@ def main(argv):
     (root / f"table_{norm}.csv").write_text(csv_text)
     print(f"\nCertified accuracy (%), {norm} radii, n0={_N0.value}, n={_N.value}, alpha={_ALPHA.value}:\n{markdown}")
   print(f"PSNR and figure {evaluated - start:.0f}s, certification {certified - evaluated:.0f}s, "
-        f"total {time.time() - start:.0f}s; wrote {root}/{{psnr,table_l2,table_l1}}.md, {root / 'denoising.png'}")
+        f"total {time.time() - start:.0f}s; wrote {root}/{{psnr,psnr_jpeg,table_l2,table_l1}}.md, {root / 'denoising.png'}")
 
 
 if __name__ == "__main__":

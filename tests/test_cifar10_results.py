@@ -43,6 +43,11 @@ def test_toy_run_writes_every_table_and_a_rerun_reuses_them(tmp_path, fixtures_d
   assert psnr["one_step"] > psnr["noisy"] + 6  # the shipped model denoises (about +12 dB on the card)
   assert psnr["annealed"] > psnr["noisy"] + 6
   assert "| 0.25 |" in (workdir / "psnr.md").read_text()
+  jpeg = json.loads((workdir / "psnr_jpeg.json").read_text())
+  assert jpeg["quality"] == 75 and jpeg["images"] == 4
+  assert 28 < jpeg["jpeg_vs_lossless_db"] < 32  # 29.8 dB on these 4 (29.9 on all 1017)
+  assert jpeg["one_step_db"]["0.25"] > psnr["noisy"] + 6  # the same noise on the JPEG versions
+  assert f"| 0.25 | {psnr['noisy']:.2f} | {psnr['one_step']:.2f} |" in (workdir / "psnr_jpeg.md").read_text()
 
   with Image.open(workdir / "denoising.png") as grid:
     assert grid.format == "PNG" and min(grid.size) >= 3 * 32  # three images, at least 32 pixels each
@@ -60,6 +65,6 @@ def test_toy_run_writes_every_table_and_a_rerun_reuses_them(tmp_path, fixtures_d
   assert [r["label"] for r in first] == labels[:len(first)].tolist()  # images in file order, true labels
 
   # A rerun reuses everything: records carry their wall time, so recomputed ones would differ byte for byte.
-  before = {p: p.read_bytes() for p in [workdir / "psnr.json", *records]}
+  before = {p: p.read_bytes() for p in [workdir / "psnr.json", workdir / "psnr_jpeg.json", *records]}
   _run(workdir, fixtures_dir)
   assert {p: p.read_bytes() for p in before} == before

@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from scoresmooth_jax.training import evaluate
 
@@ -34,3 +35,29 @@ def test_run_sums_batches_in_float64_on_the_host():
   assert isinstance(sums["sq"], float)
   # float32 sums of 4 squares, added in float64: 1e-8 relative; added in float32 on the device: 3e-7
   assert math.isclose(sums["sq"], float(np.sum(np.square(_IMAGES.astype(np.float64)))), rel_tol=1e-8)
+
+
+def _textured(seed, shape=(2, 16, 16, 3)):
+  return np.random.default_rng(seed).integers(0, 256, size=shape).astype(np.float32) / 255.0
+
+
+def test_jpeg_roundtrip_keeps_a_flat_image_and_loses_more_detail_at_lower_quality():
+  flat = np.full((1, 16, 16, 3), 0.5, np.float32)  # only the DC coefficient: survives any quality
+  np.testing.assert_allclose(evaluate.jpeg_roundtrip(flat), flat, atol=1.5 / 255)
+
+  images = _textured(0)
+  db = {q: evaluate.psnr(float(np.mean(np.square(evaluate.jpeg_roundtrip(images, q) - images.astype(np.float64)))))
+        for q in (25, 75, 95)}
+  assert db[25] < db[75] < db[95] < 40  # lossy at every quality, less so as it rises
+  out = evaluate.jpeg_roundtrip(images)
+  assert out.dtype == np.float32 and out.shape == images.shape and 0 <= out.min() and out.max() <= 1
+  np.testing.assert_array_equal(out, evaluate.jpeg_roundtrip(images))  # deterministic
+
+
+def test_jpeg_roundtrip_rejects_what_jpeg_cannot_hold():
+  with pytest.raises(ValueError, match=r"\[N, H, W, 3\].*\(2, 16, 16, 1\)"):
+    evaluate.jpeg_roundtrip(np.zeros((2, 16, 16, 1), np.float32))
+  with pytest.raises(ValueError, match="1..95.*got 100"):
+    evaluate.jpeg_roundtrip(_textured(1), quality=100)
+  with pytest.raises(ValueError, match=r"in \[0, 1\].*255"):
+    evaluate.jpeg_roundtrip(_textured(1) * 255)

@@ -170,6 +170,35 @@ def denoising_psnr(score_fn, images: np.ndarray, sigmas, key, *, batch_size: int
   return out
 
 
+def jpeg_roundtrip(images: np.ndarray, quality: int = 75) -> np.ndarray:
+  """``images`` [N, H, W, 3] in [0, 1] after a JPEG encode and decode by Pillow, as float32 in [0, 1].
+
+  Pillow's defaults otherwise (libjpeg, 4:2:0 chroma subsampling): at quality 75 that is how the CIFAR-10
+  training copies in ``../shared/data`` were saved (their luma table starts 8, 6, 5, 8, 12, 20, 26, 31), so
+  denoising these versions of the lossless test images measures the model in the domain it was trained on.
+  Pixels are rounded to uint8 first, which is exact for images that came from uint8.
+  """
+  import io
+
+  from PIL import Image
+
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"jpeg_roundtrip takes RGB images [N, H, W, 3], got shape {images.shape}")
+  if not 1 <= int(quality) <= 95:
+    raise ValueError(f"JPEG quality must be in 1..95 (Pillow's range; above 95 libjpeg only grows the file), "
+                     f"got {quality}")
+  if images.size and (images.min() < 0 or images.max() > 1):
+    raise ValueError(f"jpeg_roundtrip takes images in [0, 1], got values in [{images.min()}, {images.max()}]")
+  out = np.empty(images.shape, np.float32)
+  for i, image in enumerate(np.rint(images * 255.0).astype(np.uint8)):
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=int(quality))
+    with Image.open(buffer) as decoded:
+      out[i] = np.asarray(decoded.convert("RGB"), np.float32) / 255.0
+  return out
+
+
 def psnr_setup(test_file, num_images: int, sigmas, seed: int) -> dict:
   """What fixes a ``denoising_psnr`` table whose annealed column covers every image: a model card records it.
 
