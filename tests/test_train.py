@@ -240,6 +240,16 @@ def test_cifar10_run_that_continues_the_long_run_changes_only_its_start_and_sche
   assert set(more) == set(long)
 
 
+def test_deep_cifar10_run_is_the_continuation_with_more_blocks_and_ships_within_5_mb():
+  """:cpu_deep is :cpu_long_more's restart of the shipped model, deepened, over a shorter cosine."""
+  more, deep = flat_config("score_cifar10", "cpu_long_more"), flat_config("score_cifar10", "cpu_deep")
+  changed = {key: (more[key], deep[key]) for key in more if more[key] != deep[key]}
+  assert changed == {"model.kwargs.num_res_blocks": (1, [2, 2, 1]), "train.num_steps": (10_000, 5000)}
+  assert set(deep) == set(more)
+  report = train.model_report(load_config("score_cifar10", "cpu_deep"))
+  assert 2.3e6 < report["params"] and 2 * report["params"] < 5e6
+
+
 def test_train_score_script_reports_model(tmp_path):
   out = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_score.py"), "--config",
                         str(ROOT / "configs" / "score_digits.py"), "--config.report_only", "--workdir",

@@ -18,9 +18,9 @@ def _params(key, channels=1, **kwargs):
   return module.init(jax.random.key(key), jnp.zeros((1, 8, 8, channels)), jnp.ones((1,)))["params"]
 
 
-def _export(path, params, channels=1):
+def _export(path, params, channels=1, **kwargs):
   online = jax.tree.map(lambda a: a + 1.0, params)  # must not be what the new run starts from
-  export.export_score_model(path, "score_unet", KWARGS, params, online, (8, 8, channels), 0.01, 1.0)
+  export.export_score_model(path, "score_unet", {**KWARGS, **kwargs}, params, online, (8, 8, channels), 0.01, 1.0)
   return str(path)
 
 
@@ -43,6 +43,43 @@ def test_a_different_network_is_refused_with_both_described(tmp_path):
     warm_start.initial_params(rgb, "score_unet", dict(KWARGS), (8, 8, 1), _params(1))
   with pytest.raises(ValueError, match=r"train.init_from='.*missing' could not be loaded"):
     warm_start.initial_params(str(tmp_path / "missing"), "score_unet", dict(KWARGS), (8, 8, 1), _params(1))
+
+
+@pytest.mark.parametrize("deeper", [2, (1, 3), (3, 1)])
+def test_a_deeper_network_starts_exactly_as_the_saved_one(tmp_path, deeper):
+  """Added residual blocks start as the identity and the saved ones keep their places, so the outputs agree."""
+  saved = jax.tree.map(lambda a: a + 0.05, _params(0))  # nonzero last convs: every saved block does something
+  spec = _export(tmp_path / "export", saved)
+  kwargs = {**KWARGS, "num_res_blocks": deeper}
+  module = models.get_model("score_unet", **kwargs)
+  images = jax.random.uniform(jax.random.key(2), (3, 8, 8, 1))
+  sigmas = jnp.array([0.1, 0.4, 1.0])
+  got = warm_start.initial_params(spec, "score_unet", kwargs, (8, 8, 1), module.init(jax.random.key(1), images,
+                                                                                       sigmas)["params"])
+  expected = models.get_model("score_unet", **KWARGS).apply({"params": saved}, images, sigmas)
+  np.testing.assert_allclose(module.apply({"params": got}, images, sigmas), expected, rtol=1e-5, atol=1e-5)
+  added = len([name for name in got if name.startswith("ResBlock_")]) - 6  # 2 levels down and up, 2 middle
+  assert added == {2: 4, (1, 3): 4, (3, 1): 4}[deeper]
+
+
+def test_a_shallower_network_or_another_change_is_refused(tmp_path):
+  spec = _export(tmp_path / "export", _params(0, num_res_blocks=2), num_res_blocks=2)
+  shallower = {**KWARGS, "num_res_blocks": (2, 1)}
+  with pytest.raises(ValueError, match=r"has \(2, 2\) residual blocks per level but the config's network has "
+                                       r"\(2, 1\)"):
+    warm_start.initial_params(spec, "score_unet", shallower, (8, 8, 1), _params(1, num_res_blocks=(2, 1)))
+  deeper_and_wider = {**KWARGS, "num_res_blocks": 3, "channels": 16}  # depth is the one difference allowed
+  with pytest.raises(ValueError, match="but the config trains score_unet"):
+    warm_start.initial_params(spec, "score_unet", deeper_and_wider, (8, 8, 1), _params(1, num_res_blocks=3,
+                                                                                         channels=16))
+
+
+def test_per_level_block_counts_are_checked():
+  with pytest.raises(ValueError, match=r"num_res_blocks=\(1,\) must be a count >= 1 or one such count per level "
+                                       r"\(2 levels"):
+    _params(0, num_res_blocks=(1,))
+  with pytest.raises(ValueError, match="num_res_blocks=0"):
+    _params(0, num_res_blocks=0)
 
 
 def test_a_run_started_from_an_export_starts_from_its_ema_parameters(tmp_path, capsys):

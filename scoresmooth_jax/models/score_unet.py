@@ -14,10 +14,10 @@ Promises:
     them); a bad size fails with a message naming it.
 
 Architecture (DDPM/NCSN++-style, kept small enough to be cheap on CPU): input conv, then per level
-``num_res_blocks`` residual blocks (GroupNorm -> swish -> 3x3 conv, twice, embedding scale/shift on the
-second norm) with optional self-attention at the resolutions in ``attention_resolutions``, a strided conv
-between levels; a middle block; the mirror path upsamples (nearest + conv) and concatenates each level's
-output as a skip connection at its first block.
+``num_res_blocks`` residual blocks (one count, or one per level; GroupNorm -> swish -> 3x3 conv, twice,
+embedding scale/shift on the second norm) with optional self-attention at the resolutions in
+``attention_resolutions``, a strided conv between levels; a middle block; the mirror path upsamples (nearest +
+conv) and concatenates each level's output as a skip connection at its first block.
 """
 
 from __future__ import annotations
@@ -51,6 +51,26 @@ def sigma_features(sigma: jax.Array, dim: int, max_frequency: float = 100.0) -> 
   freqs = jnp.exp(jnp.linspace(0.0, math.log(max_frequency), dim // 2))
   angles = jnp.log(sigma)[:, None] * freqs[None, :]
   return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def blocks_per_level(num_res_blocks: int | Sequence[int], num_levels: int) -> tuple[int, ...]:
+  """``num_res_blocks`` as one count per level, checked: every level needs at least one block."""
+  counts = ((num_res_blocks,) * num_levels if isinstance(num_res_blocks, int)
+            else tuple(int(n) for n in num_res_blocks))
+  if len(counts) != num_levels or min(counts) < 1:
+    raise ValueError(f"num_res_blocks={num_res_blocks!r} must be a count >= 1 or one such count per level "
+                     f"({num_levels} levels, one per channel_mults entry).")
+  return counts
+
+
+def res_block_slots(num_res_blocks: int | Sequence[int], num_levels: int) -> list[tuple]:
+  """Where each ``ResBlock_<k>`` of the network sits, in call (and so naming) order: ("down", level, i),
+  ("middle", j) or ("up", level, i). Two networks that differ only in their block counts share the blocks of
+  equal slots, which is how a deeper network starts from a trained shallower one (``training/warm_start.py``)."""
+  blocks = blocks_per_level(num_res_blocks, num_levels)
+  down = [("down", level, i) for level in range(num_levels) for i in range(blocks[level])]
+  up = [("up", level, i) for level in reversed(range(num_levels)) for i in range(blocks[level])]
+  return down + [("middle", 0), ("middle", 1)] + up
 
 
 class ResBlock(nn.Module):
@@ -99,7 +119,8 @@ class ScoreUNet(nn.Module):
   Attributes:
     channels: base width; level i has ``channels * channel_mults[i]`` channels.
     channel_mults: one multiplier per resolution level.
-    num_res_blocks: residual blocks per level, on the way down and on the way up.
+    num_res_blocks: residual blocks per level, on the way down and on the way up: one count for every level, or
+      one per level (e.g. (2, 2, 1): depth where it pays, without the parameters of the coarsest level's width).
     attention_resolutions: spatial sizes (height) at which a self-attention block follows each res block.
     embed_dim: width of the sigma embedding (default 4 * channels).
     max_groups: GroupNorm groups (fewer when a width is not divisible).
@@ -109,7 +130,7 @@ class ScoreUNet(nn.Module):
 
   channels: int = 32
   channel_mults: Sequence[int] = (1, 2)
-  num_res_blocks: int = 1
+  num_res_blocks: int | Sequence[int] = 1
   attention_resolutions: Sequence[int] = ()
   embed_dim: int | None = None
   max_groups: int = 32
@@ -124,6 +145,7 @@ class ScoreUNet(nn.Module):
     if x.shape[1] % factor or x.shape[2] % factor:
       raise ValueError(f"image size {x.shape[1]}x{x.shape[2]} is not divisible by {factor}, which "
                        f"channel_mults={tuple(self.channel_mults)} needs; use fewer levels or pad the images.")
+    blocks = blocks_per_level(self.num_res_blocks, len(self.channel_mults))
     sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32).reshape(-1), (x.shape[0],))
     embed_dim = self.embed_dim or 4 * self.channels
     emb = sigma_features(sigma, self.channels if self.channels % 2 == 0 else self.channels + 1)
@@ -138,7 +160,7 @@ class ScoreUNet(nn.Module):
     h = nn.Conv(self.channels, (3, 3), dtype=self.dtype)((2.0 * x - 1.0).astype(self.dtype))
     skips = []
     for level, mult in enumerate(self.channel_mults):
-      for _ in range(self.num_res_blocks):
+      for _ in range(blocks[level]):
         h = attend(res_block(self.channels * mult)(h, emb))
       skips.append(h)
       if level + 1 < len(self.channel_mults):
@@ -150,7 +172,7 @@ class ScoreUNet(nn.Module):
 
     for level, mult in reversed(list(enumerate(self.channel_mults))):
       h = jnp.concatenate([h, skips.pop()], axis=-1)
-      for _ in range(self.num_res_blocks):
+      for _ in range(blocks[level]):
         h = attend(res_block(self.channels * mult)(h, emb))
       if level > 0:
         b, hgt, wid, c = h.shape

@@ -9,6 +9,10 @@ Promises:
     export or a shipped model (anything ``export.load_score_fn`` loads), after checking that they belong to the
     configured network: the same model name, constructor arguments and image shape. Anything else is a
     ValueError that names the difference and the fix.
+  * One difference is allowed: a ``score_unet`` with at least as many residual blocks at every level as the saved
+    one (``num_res_blocks``) starts as the saved network, exactly: the saved blocks keep their places and the
+    added ones keep their fresh initialisation, whose zero last convolution makes each the identity. So a
+    trained model can be deepened and trained on without first losing what it learned.
   * ``warm_started(state, params, sharding)``: the parameters and their EMA both start from ``params``; the
     step and the optimizer state stay those of a fresh run, so the new run's warm-up and schedule apply from
     step 0.
@@ -23,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from scoresmooth_jax.modelio import checkpoint, export
+from scoresmooth_jax.models import score_unet
 
 
 def _canonical(kwargs: dict) -> dict:
@@ -45,15 +50,40 @@ def initial_params(spec: str, model_name: str, model_kwargs: dict, image_shape, 
   except checkpoint.CheckpointError as err:
     raise ValueError(f"train.init_from={spec!r} could not be loaded: {err}") from None
   saved_name, saved_kwargs = score_fn.metadata["model"], score_fn.metadata["model_kwargs"]
-  if saved_name != model_name or _canonical(saved_kwargs) != _canonical(model_kwargs):
+  but_depth = lambda kwargs: _canonical({**kwargs, "num_res_blocks": None})
+  deepened = (saved_name == model_name == "score_unet" and _canonical(saved_kwargs) != _canonical(model_kwargs)
+              and but_depth(saved_kwargs) == but_depth(model_kwargs))
+  if not deepened and (saved_name != model_name or _canonical(saved_kwargs) != _canonical(model_kwargs)):
     raise ValueError(f"train.init_from={spec!r} is {saved_name}({_canonical(saved_kwargs)}) but the config trains "
                      f"{model_name}({_canonical(model_kwargs)}); start from a model of the configured architecture "
                      "or set model.name/model.kwargs to the saved ones.")
   if tuple(score_fn.image_shape) != tuple(image_shape):
     raise ValueError(f"train.init_from={spec!r} was trained on images of shape {tuple(score_fn.image_shape)}, the "
                      f"config trains on {tuple(image_shape)}; start from a model of the data's image shape.")
+  saved_params = score_fn.params
+  if deepened:
+    saved_params = _deepened(spec, saved_params, saved_kwargs, model_kwargs, like)
   # The loader fitted the parameters to that network; the same network on the same shape has the same tree.
-  return jax.tree.map(lambda saved, fresh: jnp.asarray(saved, fresh.dtype), score_fn.params, like)
+  return jax.tree.map(lambda saved, fresh: jnp.asarray(saved, fresh.dtype), saved_params, like)
+
+
+def _deepened(spec: str, saved: dict, saved_kwargs: dict, model_kwargs: dict, like: dict) -> dict:
+  """The saved ``score_unet`` parameters placed in a network with more residual blocks (module docstring)."""
+  levels = len(model_kwargs["channel_mults"])
+  saved_blocks = score_unet.blocks_per_level(saved_kwargs["num_res_blocks"], levels)
+  new_blocks = score_unet.blocks_per_level(model_kwargs["num_res_blocks"], levels)
+  if any(new < old for new, old in zip(new_blocks, saved_blocks)):
+    raise ValueError(f"train.init_from={spec!r} has {saved_blocks} residual blocks per level but the config's "
+                     f"network has {new_blocks}: a network can start from one with as many blocks or fewer at every "
+                     "level, not more; set model.kwargs.num_res_blocks to at least the saved counts.")
+  new_index = {slot: k for k, slot in enumerate(score_unet.res_block_slots(new_blocks, levels))}
+  old_slots = score_unet.res_block_slots(saved_blocks, levels)
+  params = dict(like)  # the added blocks keep their fresh initialisation: the identity
+  for name, value in saved.items():
+    if name.startswith("ResBlock_"):
+      name = f"ResBlock_{new_index[old_slots[int(name.removeprefix('ResBlock_'))]]}"
+    params[name] = value
+  return params
 
 
 def warm_started(state, params: Any, sharding: jax.sharding.Sharding):
