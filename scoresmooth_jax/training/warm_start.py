@@ -50,10 +50,10 @@ def initial_params(spec: str, model_name: str, model_kwargs: dict, image_shape, 
   except checkpoint.CheckpointError as err:
     raise ValueError(f"train.init_from={spec!r} could not be loaded: {err}") from None
   saved_name, saved_kwargs = score_fn.metadata["model"], score_fn.metadata["model_kwargs"]
+  same = _canonical(saved_kwargs) == _canonical(model_kwargs)
   but_depth = lambda kwargs: _canonical({**kwargs, "num_res_blocks": None})
-  deepened = (saved_name == model_name == "score_unet" and _canonical(saved_kwargs) != _canonical(model_kwargs)
-              and but_depth(saved_kwargs) == but_depth(model_kwargs))
-  if not deepened and (saved_name != model_name or _canonical(saved_kwargs) != _canonical(model_kwargs)):
+  deepened = not same and model_name == "score_unet" and but_depth(saved_kwargs) == but_depth(model_kwargs)
+  if saved_name != model_name or not (same or deepened):
     raise ValueError(f"train.init_from={spec!r} is {saved_name}({_canonical(saved_kwargs)}) but the config trains "
                      f"{model_name}({_canonical(model_kwargs)}); start from a model of the configured architecture "
                      "or set model.name/model.kwargs to the saved ones.")
