@@ -20,6 +20,11 @@ so no :cpu_long workdir is needed): 10,000 more steps, learning rate 1e-3 after 
 shipped `cifar10-cpu` (its added blocks start as the identity, training/warm_start.py), over a 5,000-step cosine
 (tried, not shipped: it gained nothing over the same restart of the undeepened network; docs/cifar10.md):
   python scripts/train_score.py --config configs/score_cifar10.py:cpu_deep --workdir workdirs/score_cifar10_deep
+`:cpu_attn` is the same restart with self-attention at the 16x16 level instead (attention_resolutions (16,);
+1.95M parameters, 0.85 GFLOP per image), its attention blocks starting as the identity:
+  python scripts/train_score.py --config configs/score_cifar10.py:cpu_attn --workdir workdirs/score_cifar10_attn
+`:cpu_edm` is `:cpu_long` from scratch with EDM's preconditioning (model.kwargs.sigma_data=0.25, see
+models/score_unet.py), so that its curve compares with `:cpu_long`'s step for step (docs/cifar10.md).
 `:accel` is the same network for one GPU/TPU: batch 128, 30,000 steps (77 epochs), the training split decoded
 once into memory (data.in_memory) so that decoding JPEGs does not starve the accelerator; 1.88M parameters,
 3.8 MB when shipped as float16 (`scripts/ship_score_model.py --store_dtype=float16`);
@@ -37,7 +42,7 @@ than score_sde's [0.01, 50], which spends the capacity where certification needs
 
 from scoresmooth_jax.training.train import base_config
 
-SMALL_VARIANTS = ("cpu", "cpu_wide", "cpu_long", "cpu_long_more", "cpu_deep", "accel")
+SMALL_VARIANTS = ("cpu", "cpu_wide", "cpu_long", "cpu_long_more", "cpu_deep", "cpu_attn", "cpu_edm", "accel")
 
 
 def get_config(variant: str = ""):
@@ -66,8 +71,9 @@ def get_config(variant: str = ""):
 def _small_config(variant: str):
   """The small score U-Net trained on the CIFAR-10 JPEG folder (module docstring): 2 CPU cores or one accelerator."""
   wide, accel = variant != "cpu", variant == "accel"  # every small variant but :cpu is the 48-channel network
-  deep = variant == "cpu_deep"
-  long, more = variant.startswith("cpu_long") or deep, variant in ("cpu_long_more", "cpu_deep")
+  deep, attn, edm = variant == "cpu_deep", variant == "cpu_attn", variant == "cpu_edm"
+  long, more = variant.startswith("cpu_long") or deep or attn or edm, variant in ("cpu_long_more", "cpu_deep",
+                                                                                 "cpu_attn")
   config = base_config("score", "folder:data/cifar10", (32, 32, 3), random_flip=True)
   config.data.eval_name = "npz:../shared/fixtures/cifar10_test_first1017.npz"
   config.data.in_memory = accel  # 150 MB decoded; on CPU, decoding on access hides behind the step
@@ -75,7 +81,9 @@ def _small_config(variant: str):
   # :cpu_deep: more depth where the pixels are, within the 5 MB float16 limit (the 8x8 level keeps one block)
   config.model.kwargs.update(dict(channels=48 if wide else 32, channel_mults=(1, 2, 2),
                                   num_res_blocks=(2, 2, 1) if deep else 1,
-                                  attention_resolutions=(), max_groups=8))
+                                  attention_resolutions=(16,) if attn else (), max_groups=8))
+  if edm:  # :cpu_long's network and schedule with EDM's preconditioning (models/score_unet.py), from scratch
+    config.model.kwargs.sigma_data = 0.25
   if wide:  # 2.2x the FLOPs of :cpu, half its sigmas in [0.1, 1] (docs/cifar10.md)
     config.sigma.update(dict(focus_min=0.1, focus_prob=0.5))
   if accel:  # 4x the CPU batch at 2x its learning rate (sqrt scaling), a longer warm-up, a slower EMA
@@ -87,7 +95,8 @@ def _small_config(variant: str):
     config.optim.update(dict(learning_rate=2e-3 if long else 1e-3, warmup_steps=100, schedule="cosine",
                              ema_decay=0.999))
     config.train.update(dict(batch_size=32, num_steps={"cpu": 5000, "cpu_wide": 3500, "cpu_long": 10_000,
-                                                        "cpu_long_more": 10_000, "cpu_deep": 5000}[variant],
+                                                        "cpu_long_more": 10_000, "cpu_deep": 5000,
+                                                        "cpu_attn": 5000, "cpu_edm": 10_000}[variant],
                              log_every=50, eval_every=1000 if long else 500, checkpoint_every=250,
                              keep_checkpoints=2))
   if more:  # a second cosine from :cpu_long's result, at half its peak rate after a longer warm-up

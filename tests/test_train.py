@@ -284,3 +284,20 @@ def test_small_cifar10_configs_train_on_an_image_folder(tmp_path, variant):
   assert np.isfinite(metrics["psnr/denoised/0.25"]) and metrics["psnr/noisy/0.25"] == pytest.approx(12.0, abs=0.3)
   assert metrics["examples"] == 8  # the model card reads the curve's image count from here
   assert train.load_score_fn(tmp_path / "run" / "export").image_shape == (32, 32, 3)
+
+
+def test_preconditioned_cifar10_run_is_the_long_run_with_sigma_data():
+  """docs/cifar10.md compares :cpu_edm's curve with :cpu_long's step for step: only the parametrisation differs."""
+  long, edm = flat_config("score_cifar10", "cpu_long"), flat_config("score_cifar10", "cpu_edm")
+  assert {key: edm[key] for key in edm if long.get(key) != edm[key]} == {"model.kwargs.sigma_data": 0.25}
+  assert set(edm) - set(long) == {"model.kwargs.sigma_data"}
+
+
+def test_attention_cifar10_run_is_the_continuation_with_attention_and_ships_within_5_mb():
+  """:cpu_attn is :cpu_deep's restart with self-attention at 16x16 instead of the added residual blocks."""
+  more, attn = flat_config("score_cifar10", "cpu_long_more"), flat_config("score_cifar10", "cpu_attn")
+  changed = {key: (more[key], attn[key]) for key in more if more[key] != attn[key]}
+  assert changed == {"model.kwargs.attention_resolutions": ([], [16]), "train.num_steps": (10_000, 5000)}
+  assert set(attn) == set(more)
+  report = train.model_report(load_config("score_cifar10", "cpu_attn"))
+  assert 1.9e6 < report["params"] and 2 * report["params"] < 5e6

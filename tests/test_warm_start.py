@@ -62,6 +62,32 @@ def test_a_deeper_network_starts_exactly_as_the_saved_one(tmp_path, deeper):
   assert len([name for name in got if name.startswith("ResBlock_")]) - 6 == 4
 
 
+@pytest.mark.parametrize("deeper", [1, (2, 1)])
+def test_a_network_given_attention_starts_exactly_as_the_saved_one(tmp_path, deeper):
+  """Attention added (and depth, at once) to a saved network without it: the outputs agree, and the attention
+  blocks are there to train: after the 4x4 level's residual block down and up, and in the middle."""
+  saved = jax.tree.map(lambda a: a + 0.05, _params(0))
+  spec = _export(tmp_path / "export", saved)
+  kwargs = {**KWARGS, "num_res_blocks": deeper, "attention_resolutions": (4,)}
+  module = models.get_model("score_unet", **kwargs)
+  images = jax.random.uniform(jax.random.key(2), (3, 8, 8, 1))
+  sigmas = jnp.array([0.1, 0.4, 1.0])
+  got = warm_start.initial_params(spec, "score_unet", kwargs, (8, 8, 1), module.init(jax.random.key(1), images,
+                                                                                       sigmas)["params"])
+  expected = models.get_model("score_unet", **KWARGS).apply({"params": saved}, images, sigmas)
+  np.testing.assert_allclose(module.apply({"params": got}, images, sigmas), expected, rtol=1e-5, atol=1e-5)
+  assert len([name for name in got if name.startswith("AttnBlock_")]) == 3
+
+
+def test_a_network_with_attention_starts_only_the_same_network(tmp_path):
+  spec = _export(tmp_path / "export", _params(0, attention_resolutions=(4,)), attention_resolutions=(4,))
+  for change in ({"num_res_blocks": 2}, {"attention_resolutions": (4, 8)}, {"attention_resolutions": ()}):
+    kwargs = {**KWARGS, "attention_resolutions": (4,), **change}
+    with pytest.raises(ValueError, match=r"has attention at resolutions \(4,\); .* a network with attention can "
+                                         r"start only the same network"):
+      warm_start.initial_params(spec, "score_unet", kwargs, (8, 8, 1), _params(1, **change))
+
+
 def test_a_shallower_network_or_another_change_is_refused(tmp_path):
   spec = _export(tmp_path / "export", _params(0, num_res_blocks=2), num_res_blocks=2)
   shallower = {**KWARGS, "num_res_blocks": (2, 1)}

@@ -7,9 +7,15 @@ Promises:
   * Conditioning is continuous: sinusoidal features of log sigma go through an MLP, and every residual
     block takes a per-channel scale and shift from that embedding, so any sigma in the trained range is
     valid, not only a fixed list.
-  * The last layer's output is divided by sigma (NCSNv2's ``scale_by_sigma``). The true score of noisy data
+  * By default the last layer's output is divided by sigma (NCSNv2's ``scale_by_sigma``). The true score of noisy data
     has norm ~ sqrt(D) / sigma, so the network itself only has to output an O(1) quantity, -z up to the
     denoising error, at every scale; the loss in ``losses.py`` weights by sigma^2 for the same reason.
+  * ``sigma_data`` (off by default) switches to EDM's preconditioning (Karras et al. 2022) in [0, 1] pixel
+    units: the network sees the centred input scaled to unit variance at every sigma, and its output F is the
+    correction to the exact score of a Gaussian prior N(0.5, sigma_data^2) per pixel:
+        s(x; sigma) = -(x - 0.5) / (sigma^2 + sigma_data^2) + sigma_data / (sigma sqrt(sigma^2 + sigma_data^2)) F,
+    so that the DSM target of F has unit variance at every sigma (-z at small sigma, the clean image over
+    sigma_data at large) instead of the noise alone, whose error the denoiser multiplies by sigma.
   * Height and width must be divisible by 2^(len(channel_mults) - 1) (each level after the first halves
     them); a bad size fails with a message naming it.
 
@@ -126,6 +132,8 @@ class ScoreUNet(nn.Module):
     max_groups: GroupNorm groups (fewer when a width is not divisible).
     dropout: dropout rate inside residual blocks, active only with ``train=True`` (needs a "dropout" rng).
     dtype: compute dtype (e.g. jnp.bfloat16 on TPU); parameters and the output stay float32.
+    sigma_data: None for the plain parametrisation (output / sigma); a pixel standard deviation (0.25 suits
+      natural images in [0, 1]) for EDM's preconditioning (module docstring).
   """
 
   channels: int = 32
@@ -136,9 +144,13 @@ class ScoreUNet(nn.Module):
   max_groups: int = 32
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  sigma_data: float | None = None
 
   @nn.compact
   def __call__(self, x, sigma, train: bool = False):
+    if self.sigma_data is not None and not self.sigma_data > 0:
+      raise ValueError(f"sigma_data={self.sigma_data!r} must be a positive pixel standard deviation "
+                       "(0.25 for natural images in [0, 1]) or None for no preconditioning.")
     if x.ndim != 4:
       raise ValueError(f"ScoreUNet expects NHWC images, got shape {x.shape}.")
     factor = 2 ** (len(self.channel_mults) - 1)
@@ -156,8 +168,12 @@ class ScoreUNet(nn.Module):
     attend = lambda h: (AttnBlock(self.max_groups, self.dtype)(h)
                         if h.shape[1] in self.attention_resolutions else h)
 
-    # Centred input: the network sees [-1, 1], where zero-mean inits and GroupNorm behave best.
-    h = nn.Conv(self.channels, (3, 3), dtype=self.dtype)((2.0 * x - 1.0).astype(self.dtype))
+    sigma_b = sigma[:, None, None, None]
+    if self.sigma_data is None:  # centred input: the network sees [-1, 1], where zero-mean inits behave best
+      net_in = 2.0 * x - 1.0
+    else:  # unit variance at every sigma: (x - 0.5) has variance about sigma_data^2 + sigma^2
+      net_in = (x - 0.5) / jnp.sqrt(jnp.square(sigma_b) + self.sigma_data ** 2)
+    h = nn.Conv(self.channels, (3, 3), dtype=self.dtype)(net_in.astype(self.dtype))
     skips = []
     for level, mult in enumerate(self.channel_mults):
       for _ in range(blocks[level]):
@@ -181,4 +197,7 @@ class ScoreUNet(nn.Module):
 
     h = nn.swish(nn.GroupNorm(_num_groups(h.shape[-1], self.max_groups), dtype=self.dtype)(h))
     out = nn.Conv(x.shape[-1], (3, 3), dtype=self.dtype)(h).astype(jnp.float32)
-    return out / sigma[:, None, None, None]
+    if self.sigma_data is None:
+      return out / sigma_b
+    total = jnp.square(sigma_b) + self.sigma_data ** 2
+    return -(x - 0.5) / total + self.sigma_data / (sigma_b * jnp.sqrt(total)) * out

@@ -9,10 +9,12 @@ Promises:
     export or a shipped model (anything ``export.load_score_fn`` loads), after checking that they belong to the
     configured network: the same model name, constructor arguments and image shape. Anything else is a
     ValueError that names the difference and the fix.
-  * One difference is allowed: a ``score_unet`` with at least as many residual blocks at every level as the saved
-    one (``num_res_blocks``) starts as the saved network, exactly: the saved blocks keep their places and the
-    added ones keep their fresh initialisation, whose zero last convolution makes each the identity. So a
-    trained model can be deepened and trained on without first losing what it learned.
+  * One kind of difference is allowed: a ``score_unet`` grown from the saved one starts as the saved network,
+    exactly. It may have more residual blocks at any level (``num_res_blocks``; the saved blocks keep their
+    places) and, if the saved network has no self-attention, attention at some resolutions
+    (``attention_resolutions``). The added blocks keep their fresh initialisation, whose zero last convolution
+    (zero output projection, for attention) makes each the identity. So a trained model can be deepened, or given
+    non-local attention, and trained on without first losing what it learned.
   * ``warm_started(state, params, sharding)``: the parameters and their EMA both start from ``params``; the
     step and the optimizer state stay those of a fresh run, so the new run's warm-up and schedule apply from
     step 0.
@@ -51,9 +53,9 @@ def initial_params(spec: str, model_name: str, model_kwargs: dict, image_shape, 
     raise ValueError(f"train.init_from={spec!r} could not be loaded: {err}") from None
   saved_name, saved_kwargs = score_fn.metadata["model"], score_fn.metadata["model_kwargs"]
   same = _canonical(saved_kwargs) == _canonical(model_kwargs)
-  but_depth = lambda kwargs: _canonical({**kwargs, "num_res_blocks": None})
-  deepened = not same and model_name == "score_unet" and but_depth(saved_kwargs) == but_depth(model_kwargs)
-  if saved_name != model_name or not (same or deepened):
+  but_growth = lambda kwargs: _canonical({**kwargs, "num_res_blocks": None, "attention_resolutions": None})
+  grown = not same and model_name == "score_unet" and but_growth(saved_kwargs) == but_growth(model_kwargs)
+  if saved_name != model_name or not (same or grown):
     raise ValueError(f"train.init_from={spec!r} is {saved_name}({_canonical(saved_kwargs)}) but the config trains "
                      f"{model_name}({_canonical(model_kwargs)}); start from a model of the configured architecture "
                      "or set model.name/model.kwargs to the saved ones.")
@@ -61,24 +63,34 @@ def initial_params(spec: str, model_name: str, model_kwargs: dict, image_shape, 
     raise ValueError(f"train.init_from={spec!r} was trained on images of shape {tuple(score_fn.image_shape)}, the "
                      f"config trains on {tuple(image_shape)}; start from a model of the data's image shape.")
   saved_params = score_fn.params
-  if deepened:
-    saved_params = _deepened(spec, saved_params, saved_kwargs, model_kwargs, like)
+  if grown:
+    saved_params = _grown(spec, saved_params, saved_kwargs, model_kwargs, like)
   # The loader fitted the parameters to that network; the same network on the same shape has the same tree.
   return jax.tree.map(lambda saved, fresh: jnp.asarray(saved, fresh.dtype), saved_params, like)
 
 
-def _deepened(spec: str, saved: dict, saved_kwargs: dict, model_kwargs: dict, like: dict) -> dict:
-  """The saved ``score_unet`` parameters placed in a network with more residual blocks (module docstring)."""
+def _grown(spec: str, saved: dict, saved_kwargs: dict, model_kwargs: dict, like: dict) -> dict:
+  """The saved ``score_unet`` parameters placed in a network with more residual blocks or with attention added
+  (module docstring)."""
   levels = len(model_kwargs["channel_mults"])
-  saved_blocks = score_unet.blocks_per_level(saved_kwargs["num_res_blocks"], levels)
-  new_blocks = score_unet.blocks_per_level(model_kwargs["num_res_blocks"], levels)
+  saved_blocks = score_unet.blocks_per_level(saved_kwargs.get("num_res_blocks", 1), levels)
+  new_blocks = score_unet.blocks_per_level(model_kwargs.get("num_res_blocks", 1), levels)
+  saved_attention = tuple(saved_kwargs.get("attention_resolutions", ()))
+  new_attention = tuple(model_kwargs.get("attention_resolutions", ()))
+  # Flax numbers AttnBlock_<k> in call order, so the saved attention blocks have no place to keep once the
+  # attention or the depth around them changes: only a network without attention can gain it.
+  if saved_attention and (saved_attention != new_attention or saved_blocks != new_blocks):
+    raise ValueError(f"train.init_from={spec!r} has attention at resolutions {saved_attention}; the config's "
+                     f"network has {new_blocks} residual blocks per level (saved {saved_blocks}) and attention at "
+                     f"{new_attention}: a network with attention can start only the same network; set "
+                     "model.kwargs.num_res_blocks and model.kwargs.attention_resolutions to the saved ones.")
   if any(new < old for new, old in zip(new_blocks, saved_blocks)):
     raise ValueError(f"train.init_from={spec!r} has {saved_blocks} residual blocks per level but the config's "
                      f"network has {new_blocks}: a network can start from one with as many blocks or fewer at every "
                      "level, not more; set model.kwargs.num_res_blocks to at least the saved counts.")
   new_index = {slot: k for k, slot in enumerate(score_unet.res_block_slots(new_blocks, levels))}
   old_slots = score_unet.res_block_slots(saved_blocks, levels)
-  params = dict(like)  # the added blocks keep their fresh initialisation: the identity
+  params = dict(like)  # the added blocks (and any attention) keep their fresh initialisation: the identity
   for name, value in saved.items():
     if name.startswith("ResBlock_"):
       name = f"ResBlock_{new_index[old_slots[int(name.removeprefix('ResBlock_'))]]}"
