@@ -48,6 +48,13 @@ def test_toy_run_writes_every_table_and_a_rerun_reuses_them(tmp_path, fixtures_d
   assert 28 < jpeg["jpeg_vs_lossless_db"] < 32  # 29.8 dB on these 4 (29.9 on all 1017)
   assert jpeg["one_step_db"]["0.25"] > psnr["noisy"] + 6  # the same noise on the JPEG versions
   assert f"| 0.25 | {psnr['noisy']:.2f} | {psnr['one_step']:.2f} |" in (workdir / "psnr_jpeg.md").read_text()
+  per_image = json.loads((workdir / "psnr_per_image.json").read_text())
+  assert per_image["images"] == 4
+  row = per_image["db"]["0.25"]
+  assert abs(row["one_step"] - psnr["one_step"]) < 1e-4  # the same noise as psnr.json, pooled the same way
+  assert row["one_step/per_image"] >= row["one_step"]  # Jensen
+  assert f"| 0.25 | {psnr['noisy']:.2f} | {psnr['one_step']:.2f} | {row['one_step/per_image']:.2f} |" in (
+      workdir / "psnr_per_image.md").read_text()
 
   with Image.open(workdir / "denoising.png") as grid:
     assert grid.format == "PNG" and min(grid.size) >= 3 * 32  # three images, at least 32 pixels each
@@ -65,6 +72,7 @@ def test_toy_run_writes_every_table_and_a_rerun_reuses_them(tmp_path, fixtures_d
   assert [r["label"] for r in first] == labels[:len(first)].tolist()  # images in file order, true labels
 
   # A rerun reuses everything: records carry their wall time, so recomputed ones would differ byte for byte.
-  before = {p: p.read_bytes() for p in [workdir / "psnr.json", workdir / "psnr_jpeg.json", *records]}
+  before = {p: p.read_bytes() for p in [workdir / "psnr.json", workdir / "psnr_jpeg.json",
+                                        workdir / "psnr_per_image.json", *records]}
   _run(workdir, fixtures_dir)
   assert {p: p.read_bytes() for p in before} == before

@@ -27,6 +27,17 @@ def test_denoising_psnr_matches_a_float64_closed_form_over_many_batches():
   assert math.isclose(table[0.5]["one_step"], expected, rel_tol=0, abs_tol=2e-8)
 
 
+def test_per_image_psnr_is_the_mean_of_each_images_closed_form_and_not_the_pooled_figure():
+  table = evaluate.denoising_psnr(_pulls_to_target, _IMAGES, [0.5], jax.random.key(0), batch_size=3,
+                                  annealed=False, per_image=True)[0.5]
+  per_image_mse = np.mean(np.square(_TARGET - _IMAGES.astype(np.float64)).reshape(len(_IMAGES), -1), axis=-1)
+  expected = float(np.mean(-10.0 * np.log10(per_image_mse)))
+  assert math.isclose(table["one_step/per_image"], expected, rel_tol=0, abs_tol=2e-7)
+  # Jensen: above the pooled figure, by a margin that needs the images' errors to differ (they do here)
+  assert table["one_step/per_image"] > table["one_step"] + 0.01
+  assert set(table) == {"noisy", "one_step", "noisy/per_image", "one_step/per_image"}
+
+
 def test_run_sums_batches_in_float64_on_the_host():
   eval_fn = jax.jit(lambda variables, images, key: {"sq": jnp.sum(jnp.square(images)), "count": images.shape[0]})
   batches = [(_IMAGES[i:i + 1],) for i in range(len(_IMAGES))]
