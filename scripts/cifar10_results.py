@@ -189,7 +189,8 @@ def main(argv):
     (root / f"table_{norm}.csv").write_text(csv_text)
     print(f"\nCertified accuracy (%), {norm} radii, n0={_N0.value}, n={_N.value}, alpha={_ALPHA.value}:\n{markdown}")
   print(f"PSNR and figure {evaluated - start:.0f}s, certification {certified - evaluated:.0f}s, "
-        f"total {time.time() - start:.0f}s; wrote {root}/{{psnr,psnr_jpeg,psnr_per_image,table_l2,table_l1}}.md, {root / 'denoising.png'}")
+        f"total {time.time() - start:.0f}s; wrote {root}/{{psnr,psnr_jpeg,psnr_per_image,table_l2,table_l1}}.md, "
+        f"{root / 'denoising.png'}")
 
 
 if __name__ == "__main__":
