@@ -45,12 +45,11 @@ def test_a_different_network_is_refused_with_both_described(tmp_path):
     warm_start.initial_params(str(tmp_path / "missing"), "score_unet", dict(KWARGS), (8, 8, 1), _params(1))
 
 
-@pytest.mark.parametrize("deeper", [2, (1, 3), (3, 1)])
-def test_a_deeper_network_starts_exactly_as_the_saved_one(tmp_path, deeper):
-  """Added residual blocks start as the identity and the saved ones keep their places, so the outputs agree."""
+def _grown_start(tmp_path, **grown):
+  """The parameters a grown network starts from, after checking that its outputs are the saved network's."""
   saved = jax.tree.map(lambda a: a + 0.05, _params(0))  # nonzero last convs: every saved block does something
   spec = _export(tmp_path / "export", saved)
-  kwargs = {**KWARGS, "num_res_blocks": deeper}
+  kwargs = {**KWARGS, **grown}
   module = models.get_model("score_unet", **kwargs)
   images = jax.random.uniform(jax.random.key(2), (3, 8, 8, 1))
   sigmas = jnp.array([0.1, 0.4, 1.0])
@@ -58,6 +57,13 @@ def test_a_deeper_network_starts_exactly_as_the_saved_one(tmp_path, deeper):
                                                                                        sigmas)["params"])
   expected = models.get_model("score_unet", **KWARGS).apply({"params": saved}, images, sigmas)
   np.testing.assert_allclose(module.apply({"params": got}, images, sigmas), expected, rtol=1e-5, atol=1e-5)
+  return got
+
+
+@pytest.mark.parametrize("deeper", [2, (1, 3), (3, 1)])
+def test_a_deeper_network_starts_exactly_as_the_saved_one(tmp_path, deeper):
+  """Added residual blocks start as the identity and the saved ones keep their places, so the outputs agree."""
+  got = _grown_start(tmp_path, num_res_blocks=deeper)
   # 6 saved blocks (2 levels down and up, 2 middle); each deepening adds 2 blocks per extra count: 4 here
   assert len([name for name in got if name.startswith("ResBlock_")]) - 6 == 4
 
@@ -66,16 +72,7 @@ def test_a_deeper_network_starts_exactly_as_the_saved_one(tmp_path, deeper):
 def test_a_network_given_attention_starts_exactly_as_the_saved_one(tmp_path, deeper):
   """Attention added (and depth, at once) to a saved network without it: the outputs agree, and the attention
   blocks are there to train: after the 4x4 level's residual block down and up, and in the middle."""
-  saved = jax.tree.map(lambda a: a + 0.05, _params(0))
-  spec = _export(tmp_path / "export", saved)
-  kwargs = {**KWARGS, "num_res_blocks": deeper, "attention_resolutions": (4,)}
-  module = models.get_model("score_unet", **kwargs)
-  images = jax.random.uniform(jax.random.key(2), (3, 8, 8, 1))
-  sigmas = jnp.array([0.1, 0.4, 1.0])
-  got = warm_start.initial_params(spec, "score_unet", kwargs, (8, 8, 1), module.init(jax.random.key(1), images,
-                                                                                       sigmas)["params"])
-  expected = models.get_model("score_unet", **KWARGS).apply({"params": saved}, images, sigmas)
-  np.testing.assert_allclose(module.apply({"params": got}, images, sigmas), expected, rtol=1e-5, atol=1e-5)
+  got = _grown_start(tmp_path, num_res_blocks=deeper, attention_resolutions=(4,))
   assert len([name for name in got if name.startswith("AttnBlock_")]) == 3
 
 
