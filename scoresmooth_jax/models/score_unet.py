@@ -172,7 +172,8 @@ class ScoreUNet(nn.Module):
     if self.sigma_data is None:  # centred input: the network sees [-1, 1], where zero-mean inits behave best
       net_in = 2.0 * x - 1.0
     else:  # unit variance at every sigma: (x - 0.5) has variance about sigma_data^2 + sigma^2
-      net_in = (x - 0.5) / jnp.sqrt(jnp.square(sigma_b) + self.sigma_data ** 2)
+      total = jnp.square(sigma_b) + self.sigma_data ** 2
+      net_in = (x - 0.5) / jnp.sqrt(total)
     h = nn.Conv(self.channels, (3, 3), dtype=self.dtype)(net_in.astype(self.dtype))
     skips = []
     for level, mult in enumerate(self.channel_mults):
@@ -199,5 +200,4 @@ class ScoreUNet(nn.Module):
     out = nn.Conv(x.shape[-1], (3, 3), dtype=self.dtype)(h).astype(jnp.float32)
     if self.sigma_data is None:
       return out / sigma_b
-    total = jnp.square(sigma_b) + self.sigma_data ** 2
     return -(x - 0.5) / total + self.sigma_data / (sigma_b * jnp.sqrt(total)) * out

@@ -169,12 +169,13 @@ def denoising_psnr(score_fn, images: np.ndarray, sigmas, key, *, batch_size: int
       # per image: the batch and the image count are summed in float64 on the host
       return {k: jnp.sum(jnp.square(v - x).reshape(x.shape[0], -1), axis=-1) for k, v in outputs.items()}
 
-    per_batch = [sq_errors(jnp.asarray(images[start:start + batch_size]), jax.random.fold_in(sigma_key, b))
-                 for b, start in enumerate(range(0, len(images), batch_size))]
+    # one fetch of every batch's per-image errors serves both the pooled sum and the per-image PSNRs
+    fetched = jax.device_get([sq_errors(jnp.asarray(images[start:start + batch_size]),
+                                        jax.random.fold_in(sigma_key, b))
+                              for b, start in enumerate(range(0, len(images), batch_size))])
     pixels = float(np.prod(images.shape))
-    out[float(sigma)] = {k: psnr(v / pixels) for k, v in host_sum(per_batch).items()}
+    out[float(sigma)] = {k: psnr(v / pixels) for k, v in host_sum(fetched).items()}
     if per_image:
-      fetched = jax.device_get(per_batch)
       for kind in fetched[0]:
         errors = np.concatenate([np.asarray(part[kind], np.float64) for part in fetched])
         out[float(sigma)][f"{kind}/per_image"] = float(np.mean(-10.0 * np.log10(errors * len(images) / pixels)))
