@@ -1,5 +1,7 @@
 """train.init_from: a score run that starts from the EMA parameters of an export or a shipped model."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 
 from scoresmooth_jax import models
 from scoresmooth_jax.modelio import export
+from scoresmooth_jax.models import score_unet
 from scoresmooth_jax.runtime import configs_util
 from scoresmooth_jax.training import train, warm_start
 
@@ -45,17 +48,20 @@ def test_a_different_network_is_refused_with_both_described(tmp_path):
     warm_start.initial_params(str(tmp_path / "missing"), "score_unet", dict(KWARGS), (8, 8, 1), _params(1))
 
 
-def _grown_start(tmp_path, **grown):
+def _grown_start(tmp_path, saved_kwargs=None, **grown):
   """The parameters a grown network starts from, after checking that its outputs are the saved network's."""
-  saved = jax.tree.map(lambda a: a + 0.05, _params(0))  # nonzero last convs: every saved block does something
-  spec = _export(tmp_path / "export", saved)
-  kwargs = {**KWARGS, **grown}
+  changed = saved_kwargs or {}  # the saved network's differences from KWARGS
+  saved_kwargs = {**KWARGS, **changed}
+  # nonzero last convs and output projections: every saved block does something
+  saved = jax.tree.map(lambda a: a + 0.05, _params(0, **changed))
+  spec = _export(tmp_path / "export", saved, **changed)
+  kwargs = {**saved_kwargs, **grown}
   module = models.get_model("score_unet", **kwargs)
   images = jax.random.uniform(jax.random.key(2), (3, 8, 8, 1))
   sigmas = jnp.array([0.1, 0.4, 1.0])
   got = warm_start.initial_params(spec, "score_unet", kwargs, (8, 8, 1), module.init(jax.random.key(1), images,
                                                                                        sigmas)["params"])
-  expected = models.get_model("score_unet", **KWARGS).apply({"params": saved}, images, sigmas)
+  expected = models.get_model("score_unet", **saved_kwargs).apply({"params": saved}, images, sigmas)
   np.testing.assert_allclose(module.apply({"params": got}, images, sigmas), expected, rtol=1e-5, atol=1e-5)
   return got
 
@@ -76,13 +82,33 @@ def test_a_network_given_attention_starts_exactly_as_the_saved_one(tmp_path, dee
   assert len([name for name in got if name.startswith("AttnBlock_")]) == 3
 
 
-def test_a_network_with_attention_starts_only_the_same_network(tmp_path):
+@pytest.mark.parametrize("deeper", [1, (2, 1)])
+def test_a_network_with_attention_can_gain_it_at_more_resolutions(tmp_path, deeper):
+  """Attention at 4x4 (down, middle, up) gains attention at 8x8 (down, up), and depth at once: the saved attention
+  blocks move to their new numbers (the 8x8 ones come first in call order) and the outputs agree."""
+  got = _grown_start(tmp_path, saved_kwargs={"attention_resolutions": (4,)}, num_res_blocks=deeper,
+                     attention_resolutions=(4, 8))
+  assert len([name for name in got if name.startswith("AttnBlock_")]) == 3 + 2 * (2 if deeper == (2, 1) else 1)
+
+
+def test_attention_slots_follow_the_networks_call_order():
+  """attention_block_slots names the AttnBlock_<k> that ScoreUNet creates: as many, at the stated places."""
+  for blocks, attention in ((1, (4,)), ((2, 1), (8,)), ((1, 2), (4, 8)), (1, ())):
+    names = [name for name in _params(0, num_res_blocks=blocks, attention_resolutions=attention)
+             if name.startswith("AttnBlock_")]
+    slots = score_unet.attention_block_slots(blocks, 2, attention, 8)
+    assert len(slots) == len(names)
+  assert score_unet.attention_block_slots((2, 1), 2, (4, 8), 8) == [
+      ("down", 0, 0), ("down", 0, 1), ("down", 1, 0), ("middle", 0), ("up", 1, 0), ("up", 0, 0), ("up", 0, 1)]
+
+
+def test_attention_can_only_be_added(tmp_path):
   spec = _export(tmp_path / "export", _params(0, attention_resolutions=(4,)), attention_resolutions=(4,))
-  for change in ({"num_res_blocks": 2}, {"attention_resolutions": (4, 8)}, {"attention_resolutions": ()}):
-    kwargs = {**KWARGS, "attention_resolutions": (4,), **change}
-    with pytest.raises(ValueError, match=r"has attention at resolutions \(4,\); .* a network with attention can "
-                                         r"start only the same network"):
-      warm_start.initial_params(spec, "score_unet", kwargs, (8, 8, 1), _params(1, **change))
+  for attention in ((), (8,)):
+    kwargs = {**KWARGS, "attention_resolutions": attention}
+    with pytest.raises(ValueError, match=rf"has attention at resolutions \(4,\) but the config's network has it at "
+                                         rf"{re.escape(repr(attention))}: .* include the saved ones"):
+      warm_start.initial_params(spec, "score_unet", kwargs, (8, 8, 1), _params(1, attention_resolutions=attention))
 
 
 def test_a_shallower_network_or_another_change_is_refused(tmp_path):

@@ -79,6 +79,18 @@ def res_block_slots(num_res_blocks: int | Sequence[int], num_levels: int) -> lis
   return down + [("middle", 0), ("middle", 1)] + up
 
 
+def attention_block_slots(num_res_blocks: int | Sequence[int], num_levels: int,
+                          attention_resolutions: Sequence[int], height: int) -> list[tuple]:
+  """The residual-block slot (``res_block_slots``) that each ``AttnBlock_<k>`` follows, in call (and so naming)
+  order, for images ``height`` pixels high: a block at every slot whose feature map is one of the
+  ``attention_resolutions`` high, the middle one between the two middle residual blocks. Two networks whose
+  attention differs share the attention blocks of equal slots (``training/warm_start.py``)."""
+  def size(slot):
+    return height // 2 ** (num_levels - 1 if slot[0] == "middle" else slot[1])
+  return [slot for slot in res_block_slots(num_res_blocks, num_levels)
+          if slot != ("middle", 1) and size(slot) in tuple(attention_resolutions)]
+
+
 class ResBlock(nn.Module):
   """GroupNorm -> swish -> conv -> GroupNorm * (1 + scale) + shift -> swish -> conv, plus a skip path."""
 

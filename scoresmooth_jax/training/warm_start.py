@@ -10,11 +10,11 @@ Promises:
     configured network: the same model name, constructor arguments and image shape. Anything else is a
     ValueError that names the difference and the fix.
   * One kind of difference is allowed: a ``score_unet`` grown from the saved one starts as the saved network,
-    exactly. It may have more residual blocks at any level (``num_res_blocks``; the saved blocks keep their
-    places) and, if the saved network has no self-attention, attention at some resolutions
-    (``attention_resolutions``). The added blocks keep their fresh initialisation, whose zero last convolution
-    (zero output projection, for attention) makes each the identity. So a trained model can be deepened, or given
-    non-local attention, and trained on without first losing what it learned.
+    exactly. It may have more residual blocks at any level (``num_res_blocks``) and self-attention at more
+    resolutions (``attention_resolutions``, a superset of the saved ones); the saved blocks of both kinds keep
+    their places. The added blocks keep their fresh initialisation, whose zero last convolution (zero output
+    projection, for attention) makes each the identity. So a trained model can be deepened, or given non-local
+    attention, and trained on without first losing what it learned.
   * ``warm_started(state, params, sharding)``: the parameters and their EMA both start from ``params``; the
     step and the optimizer state stay those of a fresh run, so the new run's warm-up and schedule apply from
     step 0.
@@ -64,37 +64,38 @@ def initial_params(spec: str, model_name: str, model_kwargs: dict, image_shape, 
                      f"config trains on {tuple(image_shape)}; start from a model of the data's image shape.")
   saved_params = score_fn.params
   if grown:
-    saved_params = _grown(spec, saved_params, saved_kwargs, model_kwargs, like)
+    saved_params = _grown(spec, saved_params, saved_kwargs, model_kwargs, image_shape[0], like)
   # The loader fitted the parameters to that network; the same network on the same shape has the same tree.
   return jax.tree.map(lambda saved, fresh: jnp.asarray(saved, fresh.dtype), saved_params, like)
 
 
-def _grown(spec: str, saved: dict, saved_kwargs: dict, model_kwargs: dict, like: dict) -> dict:
-  """The saved ``score_unet`` parameters placed in a network with more residual blocks or with attention added
-  (module docstring)."""
+def _grown(spec: str, saved: dict, saved_kwargs: dict, model_kwargs: dict, height: int, like: dict) -> dict:
+  """The saved ``score_unet`` parameters placed in a network with more residual blocks or attention at more
+  resolutions (module docstring)."""
   levels = len(model_kwargs["channel_mults"])
   saved_blocks = score_unet.blocks_per_level(saved_kwargs.get("num_res_blocks", 1), levels)
   new_blocks = score_unet.blocks_per_level(model_kwargs.get("num_res_blocks", 1), levels)
   saved_attention = tuple(saved_kwargs.get("attention_resolutions", ()))
   new_attention = tuple(model_kwargs.get("attention_resolutions", ()))
-  # Flax numbers AttnBlock_<k> in call order, so the saved attention blocks have no place to keep once the
-  # attention or the depth around them changes: only a network without attention can gain it.
-  if saved_attention and (saved_attention != new_attention or saved_blocks != new_blocks):
-    raise ValueError(f"train.init_from={spec!r} has attention at resolutions {saved_attention}; the config's "
-                     f"network has {new_blocks} residual blocks per level (saved {saved_blocks}) and attention at "
-                     f"{new_attention}: a network with attention can start only the same network; set "
-                     "model.kwargs.num_res_blocks and model.kwargs.attention_resolutions to the saved ones.")
   if any(new < old for new, old in zip(new_blocks, saved_blocks)):
     raise ValueError(f"train.init_from={spec!r} has {saved_blocks} residual blocks per level but the config's "
                      f"network has {new_blocks}: a network can start from one with as many blocks or fewer at every "
                      "level, not more; set model.kwargs.num_res_blocks to at least the saved counts.")
-  new_index = {slot: k for k, slot in enumerate(score_unet.res_block_slots(new_blocks, levels))}
-  old_slots = score_unet.res_block_slots(saved_blocks, levels)
-  params = dict(like)  # the added blocks (and any attention) keep their fresh initialisation: the identity
+  if not set(saved_attention) <= set(new_attention):
+    raise ValueError(f"train.init_from={spec!r} has attention at resolutions {saved_attention} but the config's "
+                     f"network has it at {new_attention}: a network can start from one with attention at the same "
+                     "resolutions or fewer, not more; set model.kwargs.attention_resolutions to include the saved ones.")
+  # Flax numbers ResBlock_<k> and AttnBlock_<k> in call order, so growth renumbers them: map each by its slot.
+  renumbered = {}
+  for prefix, slots in (("ResBlock_", lambda blocks, attention: score_unet.res_block_slots(blocks, levels)),
+                        ("AttnBlock_", lambda blocks, attention: score_unet.attention_block_slots(
+                            blocks, levels, attention, height))):
+    new_index = {slot: k for k, slot in enumerate(slots(new_blocks, new_attention))}
+    for k, slot in enumerate(slots(saved_blocks, saved_attention)):
+      renumbered[f"{prefix}{k}"] = f"{prefix}{new_index[slot]}"
+  params = dict(like)  # the added blocks keep their fresh initialisation: the identity
   for name, value in saved.items():
-    if name.startswith("ResBlock_"):
-      name = f"ResBlock_{new_index[old_slots[int(name.removeprefix('ResBlock_'))]]}"
-    params[name] = value
+    params[renumbered.get(name, name)] = value
   return params
 
 
