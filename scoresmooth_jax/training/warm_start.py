@@ -86,13 +86,13 @@ def _grown(spec: str, saved: dict, saved_kwargs: dict, model_kwargs: dict, heigh
                      f"network has it at {new_attention}: a network can start from one with attention at the same "
                      "resolutions or fewer, not more; set model.kwargs.attention_resolutions to include the saved ones.")
   # Flax numbers ResBlock_<k> and AttnBlock_<k> in call order, so growth renumbers them: map each by its slot.
-  renumbered = {}
-  for prefix, slots in (("ResBlock_", lambda blocks, attention: score_unet.res_block_slots(blocks, levels)),
-                        ("AttnBlock_", lambda blocks, attention: score_unet.attention_block_slots(
-                            blocks, levels, attention, height))):
-    new_index = {slot: k for k, slot in enumerate(slots(new_blocks, new_attention))}
-    for k, slot in enumerate(slots(saved_blocks, saved_attention)):
-      renumbered[f"{prefix}{k}"] = f"{prefix}{new_index[slot]}"
+  def slots(blocks, attention):
+    return {"ResBlock_": score_unet.res_block_slots(blocks, levels),
+            "AttnBlock_": score_unet.attention_block_slots(blocks, levels, attention, height)}
+  new_slots = slots(new_blocks, new_attention)
+  renumbered = {f"{kind}{k}": f"{kind}{new_slots[kind].index(slot)}"
+                for kind, saved_slots in slots(saved_blocks, saved_attention).items()
+                for k, slot in enumerate(saved_slots)}
   params = dict(like)  # the added blocks keep their fresh initialisation: the identity
   for name, value in saved.items():
     params[renumbered.get(name, name)] = value
