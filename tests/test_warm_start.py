@@ -82,13 +82,13 @@ def test_a_network_given_attention_starts_exactly_as_the_saved_one(tmp_path, dee
   assert len([name for name in got if name.startswith("AttnBlock_")]) == 3
 
 
-@pytest.mark.parametrize("deeper", [1, (2, 1)])
-def test_a_network_with_attention_can_gain_it_at_more_resolutions(tmp_path, deeper):
-  """Attention at 4x4 (down, middle, up) gains attention at 8x8 (down, up), and depth at once: the saved attention
-  blocks move to their new numbers (the 8x8 ones come first in call order) and the outputs agree."""
+@pytest.mark.parametrize("deeper, attention_blocks", [(1, 3 + 2), ((2, 1), 3 + 4)])
+def test_a_network_with_attention_can_gain_it_at_more_resolutions(tmp_path, deeper, attention_blocks):
+  """Attention at 4x4 (down, middle, up) gains attention after every 8x8 block (down, up), and depth at once: the
+  saved attention blocks move to their new numbers (the 8x8 ones come first in call order) and the outputs agree."""
   got = _grown_start(tmp_path, saved_kwargs={"attention_resolutions": (4,)}, num_res_blocks=deeper,
                      attention_resolutions=(4, 8))
-  assert len([name for name in got if name.startswith("AttnBlock_")]) == 3 + 2 * (2 if deeper == (2, 1) else 1)
+  assert len([name for name in got if name.startswith("AttnBlock_")]) == attention_blocks
 
 
 def test_attention_slots_follow_the_networks_call_order():
