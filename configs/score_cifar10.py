@@ -11,19 +11,32 @@ trained on the 50,000 CIFAR-10 training images as a JPEG folder, evaluated on th
 (the same command resumes; point --config.data.name=folder:PATH / --config.data.eval_name at other copies).
 `:cpu_wide` is the wider run tried after it (48 channels, focused sigma sampling, 3,500 steps; not shipped).
 `:cpu_long` is that network at `:accel`'s learning rate, 2e-3, for 10,000 steps: about 3.6 h on 2 cores, run over
-several sittings (the same command resumes; --config.data.name=folder:PATH as above); it ships as `cifar10-cpu`.
-`:cpu_long_more` trains that result further (a new run started with train.init_from from the shipped `cifar10-cpu`,
-so no :cpu_long workdir is needed): 10,000 more steps, learning rate 1e-3 after 500 warm-up steps, cosine:
+several sittings (the same command resumes; --config.data.name=folder:PATH as above); it shipped as `cifar10-cpu`
+until `:cpu_attn_long` (below) replaced it.
+`:cpu_long_more` trains that result further (a new run started with train.init_from from the :cpu_long run's
+export, workdirs/score_cifar10_long/export): 10,000 more steps, learning rate 1e-3 after 500 warm-up steps, cosine:
   python scripts/train_score.py --config configs/score_cifar10.py:cpu_long_more --workdir workdirs/score_cifar10_more
 `:cpu_deep` is `:cpu_long_more` for a deeper network: two residual blocks at the 32x32 and 16x16 levels
-(num_res_blocks (2, 2, 1); 2.40M parameters, 1.08 GFLOP per image, 4.8 MB as float16) that starts exactly as the
-shipped `cifar10-cpu` (its added blocks start as the identity, training/warm_start.py), over a 5,000-step cosine
+(num_res_blocks (2, 2, 1); 2.40M parameters, 1.08 GFLOP per image, 4.8 MB as float16) that starts exactly as
+:cpu_long's result (its added blocks start as the identity, training/warm_start.py), over a 5,000-step cosine
 (tried, not shipped: it gained nothing over the same restart of the undeepened network; docs/cifar10.md):
   python scripts/train_score.py --config configs/score_cifar10.py:cpu_deep --workdir workdirs/score_cifar10_deep
 `:cpu_attn` is the same restart with self-attention at the 16x16 level instead (attention_resolutions (16,);
-1.95M parameters, 0.85 GFLOP per image), its attention blocks starting as the identity (tried, not shipped:
-23.94 dB at sigma 0.25, +0.03 over the same restart without attention; docs/cifar10.md):
+1.95M parameters, 0.85 GFLOP per image), its attention blocks starting as the identity (23.94 dB at sigma 0.25,
++0.03 over the same restart without attention; docs/cifar10.md):
   python scripts/train_score.py --config configs/score_cifar10.py:cpu_attn --workdir workdirs/score_cifar10_attn
+`:cpu_attn_long` is the last of the restarts that made the shipped `cifar10-cpu` (2.06M parameters, 0.87 GFLOP per
+image, 4.1 MB as float16): attention at 8x8 and 16x16, a 16,000-step cosine (about 5 h here) from the export of
+:cpu_attn restarted twice, the second time with the 8x8 attention added (docs/cifar10.md, "Attention"):
+  python scripts/train_score.py --config configs/score_cifar10.py:cpu_attn \
+      --config.train.init_from=workdirs/score_cifar10_attn/export --workdir workdirs/score_cifar10_attn2
+  python scripts/train_score.py --config configs/score_cifar10.py:cpu_attn \
+      --config.train.init_from=workdirs/score_cifar10_attn2/export \
+      --config.model.kwargs.attention_resolutions='(8,16)' --config.train.num_steps=3000 \
+      --workdir workdirs/score_cifar10_attn816
+  python scripts/train_score.py --config configs/score_cifar10.py:cpu_attn_long \
+      --workdir workdirs/score_cifar10_attn_long
+(--config.train.init_from=cifar10-cpu continues the shipped model itself.)
 `:cpu_edm` is `:cpu_long` from scratch with EDM's preconditioning (model.kwargs.sigma_data=0.25, see
 models/score_unet.py), so that its curve compares with `:cpu_long`'s step for step (docs/cifar10.md).
 `:accel` is the same network for one GPU/TPU: batch 128, 30,000 steps (77 epochs), the training split decoded
@@ -43,7 +56,8 @@ than score_sde's [0.01, 50], which spends the capacity where certification needs
 
 from scoresmooth_jax.training.train import base_config
 
-SMALL_VARIANTS = ("cpu", "cpu_wide", "cpu_long", "cpu_long_more", "cpu_deep", "cpu_attn", "cpu_edm", "accel")
+SMALL_VARIANTS = ("cpu", "cpu_wide", "cpu_long", "cpu_long_more", "cpu_deep", "cpu_attn", "cpu_attn_long", "cpu_edm",
+                  "accel")
 
 
 def get_config(variant: str = ""):
@@ -72,9 +86,9 @@ def get_config(variant: str = ""):
 def _small_config(variant: str):
   """The small score U-Net trained on the CIFAR-10 JPEG folder (module docstring): 2 CPU cores or one accelerator."""
   wide, accel = variant != "cpu", variant == "accel"  # every small variant but :cpu is the 48-channel network
-  deep, attn, edm = variant == "cpu_deep", variant == "cpu_attn", variant == "cpu_edm"
+  deep, attn, edm = variant == "cpu_deep", variant.startswith("cpu_attn"), variant == "cpu_edm"
   long, more = variant.startswith("cpu_long") or deep or attn or edm, variant in ("cpu_long_more", "cpu_deep",
-                                                                                 "cpu_attn")
+                                                                                 "cpu_attn", "cpu_attn_long")
   config = base_config("score", "folder:data/cifar10", (32, 32, 3), random_flip=True)
   config.data.eval_name = "npz:../shared/fixtures/cifar10_test_first1017.npz"
   config.data.in_memory = accel  # 150 MB decoded; on CPU, decoding on access hides behind the step
@@ -82,7 +96,8 @@ def _small_config(variant: str):
   # :cpu_deep: more depth where the pixels are, within the 5 MB float16 limit (the 8x8 level keeps one block)
   config.model.kwargs.update(dict(channels=48 if wide else 32, channel_mults=(1, 2, 2),
                                   num_res_blocks=(2, 2, 1) if deep else 1,
-                                  attention_resolutions=(16,) if attn else (), max_groups=8))
+                                  attention_resolutions=((8, 16) if variant == "cpu_attn_long" else (16,)) if attn
+                                  else (), max_groups=8))
   if edm:  # :cpu_long's network and schedule with EDM's preconditioning (models/score_unet.py), from scratch
     config.model.kwargs.sigma_data = 0.25
   if wide:  # 2.2x the FLOPs of :cpu, half its sigmas in [0.1, 1] (docs/cifar10.md)
@@ -97,12 +112,16 @@ def _small_config(variant: str):
                              ema_decay=0.999))
     config.train.update(dict(batch_size=32, num_steps={"cpu": 5000, "cpu_wide": 3500, "cpu_long": 10_000,
                                                         "cpu_long_more": 10_000, "cpu_deep": 5000,
-                                                        "cpu_attn": 5000, "cpu_edm": 10_000}[variant],
+                                                        "cpu_attn": 5000, "cpu_attn_long": 16_000,
+                                                        "cpu_edm": 10_000}[variant],
                              log_every=50, eval_every=1000 if long else 500, checkpoint_every=250,
                              keep_checkpoints=2))
   if more:  # a second cosine from :cpu_long's result, at half its peak rate after a longer warm-up
     config.optim.update(dict(learning_rate=1e-3, warmup_steps=500))
-    config.train.init_from = "cifar10-cpu"  # :cpu_long's EMA parameters as shipped (float16, upcast)
+    # The runs measured in docs/cifar10.md started from :cpu_long's EMA parameters as shipped then (float16);
+    # `cifar10-cpu` has since become :cpu_attn_long's result, so these name the earlier runs' exports.
+    config.train.init_from = ("workdirs/score_cifar10_attn816/export" if variant == "cpu_attn_long"
+                              else "workdirs/score_cifar10_long/export")
   # Every fixture test image where evaluations are rare; 512 on the short CPU runs, where each takes from training.
   config.eval.update(dict(batch_size=256, num_examples=1017 if accel or long else 512, loss_buckets=4))
   config.lock()

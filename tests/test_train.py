@@ -232,11 +232,11 @@ def test_long_cpu_cifar10_run_is_the_measured_wide_run_at_the_higher_learning_ra
 
 
 def test_cifar10_run_that_continues_the_long_run_changes_only_its_start_and_schedule():
-  """:cpu_long_more starts from the shipped :cpu_long result, with a new schedule."""
+  """:cpu_long_more starts from the :cpu_long run's export (the workdir its command names), with a new schedule."""
   long, more = flat_config("score_cifar10", "cpu_long"), flat_config("score_cifar10", "cpu_long_more")
   changed = {key: (long[key], more[key]) for key in long if long[key] != more[key]}
   assert changed == {"optim.learning_rate": (2e-3, 1e-3), "optim.warmup_steps": (100, 500),
-                     "train.init_from": ("", "cifar10-cpu")}
+                     "train.init_from": ("", "workdirs/score_cifar10_long/export")}
   assert set(more) == set(long)
 
 
@@ -301,3 +301,15 @@ def test_attention_cifar10_run_is_the_continuation_with_attention_and_ships_with
   assert set(attn) == set(more)
   report = train.model_report(load_config("score_cifar10", "cpu_attn"))
   assert 1.9e6 < report["params"] and 2 * report["params"] < 5e6
+
+
+def test_long_attention_cifar10_run_continues_the_8x8_restart_and_ships_within_5_mb():
+  """:cpu_attn_long, the shipped model's last run: :cpu_attn with 8x8 attention added, from the restart that added
+  it (the workdir docs/cifar10.md's command names), over a 16,000-step cosine."""
+  attn, last = flat_config("score_cifar10", "cpu_attn"), flat_config("score_cifar10", "cpu_attn_long")
+  changed = {key: (attn[key], last[key]) for key in attn if attn[key] != last[key]}
+  assert changed == {"model.kwargs.attention_resolutions": ([16], [8, 16]), "train.num_steps": (5000, 16_000),
+                     "train.init_from": ("workdirs/score_cifar10_long/export", "workdirs/score_cifar10_attn816/export")}
+  assert set(last) == set(attn)
+  report = train.model_report(load_config("score_cifar10", "cpu_attn_long"))
+  assert 2.0e6 < report["params"] and 2 * report["params"] < 5e6
