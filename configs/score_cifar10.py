@@ -42,8 +42,9 @@ models/score_unet.py), so that its curve compares with `:cpu_long`'s step for st
 `:accel` is the same network for one GPU/TPU: batch 128, 30,000 steps (77 epochs), the training split decoded
 once into memory (data.in_memory) so that decoding JPEGs does not starve the accelerator; 1.88M parameters,
 3.8 MB when shipped as float16 (`scripts/ship_score_model.py --store_dtype=float16`);
-`scripts/accel_cifar10.sh` trains, ships and certifies it in one command sized to a time budget. docs/cifar10.md
-says how to run it and what it has been measured to give.
+`scripts/accel_cifar10.sh` trains, ships and certifies it in one command sized to a time budget. On one H200 it
+trains at 180 steps/s (30,000 steps in 3 min) and ends at the shipped model's one-step PSNR (24.00 dB at sigma
+0.25 as float16); docs/cifar10.md says how to run it.
 Model size only:
   python scripts/train_score.py --config configs/score_cifar10.py --config.report_only --workdir /tmp/unused
 

@@ -3,7 +3,7 @@
   .venv/bin/python scripts/ship_score_model.py --workdir workdirs/score_cifar10_long --name cifar10-cpu \
       --store_dtype=float16 \
       --command "python scripts/train_score.py --config configs/score_cifar10.py:cpu_long --workdir ..." \
-      --data "CIFAR-10 training split, 50,000 images as JPEG (about 30.5 dB against the originals)"
+      --data "CIFAR-10 training split, 50,000 images as JPEG (29.90 dB against the originals)"
 
 Reads ``<workdir>/export`` and ``<workdir>/metrics.jsonl``, measures the denoising PSNR table on the lossless
 test images (noisy, one-step, annealed with the library defaults; ``evaluate.denoising_psnr``, key 0) and the

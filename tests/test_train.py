@@ -216,6 +216,16 @@ def test_full_configs_build(name, min_params, max_params):
   assert min_params < report["params"] < max_params and report["flops_per_image"] > 0
 
 
+def test_model_line_names_flops_or_says_xla_gave_none():
+  """The GPU backend's cost analysis has no FLOP count: the training log says so rather than printing nan."""
+  report = {"model": "score_unet", "params": 1_875_891, "image_shape": [32, 32, 3]}
+  line = train.describe_model(dict(report, flops_per_image=7.6218e8))
+  assert line == ("model score_unet: 1,875,891 parameters, 762.18 MFLOPs per (32, 32, 3) image "
+                  "(forward pass, XLA cost analysis)")
+  line = train.describe_model(dict(report, flops_per_image=float("nan")))
+  assert "nan" not in line and "no FLOP count" in line and "1,875,891 parameters" in line
+
+
 def test_accel_cifar10_model_ships_within_5_mb():
   """The :accel network is meant to ship with the package: float16 parameters must stay under 5 MB."""
   report = train.model_report(load_config("score_cifar10", "accel"))
