@@ -95,10 +95,10 @@ def _small_config(variant: str):
   config.data.in_memory = accel  # 150 MB decoded; on CPU, decoding on access hides behind the step
   config.model.name = "score_unet"
   # :cpu_deep: more depth where the pixels are, within the 5 MB float16 limit (the 8x8 level keeps one block)
+  attention = {"cpu_attn": (16,), "cpu_attn_long": (8, 16)}.get(variant, ())  # self-attention at these sizes
   config.model.kwargs.update(dict(channels=48 if wide else 32, channel_mults=(1, 2, 2),
-                                  num_res_blocks=(2, 2, 1) if deep else 1,
-                                  attention_resolutions=((8, 16) if variant == "cpu_attn_long" else (16,)) if attn
-                                  else (), max_groups=8))
+                                  num_res_blocks=(2, 2, 1) if deep else 1, attention_resolutions=attention,
+                                  max_groups=8))
   if edm:  # :cpu_long's network and schedule with EDM's preconditioning (models/score_unet.py), from scratch
     config.model.kwargs.sigma_data = 0.25
   if wide:  # 2.2x the FLOPs of :cpu, half its sigmas in [0.1, 1] (docs/cifar10.md)
