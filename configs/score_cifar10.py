@@ -57,6 +57,12 @@ than score_sde's [0.01, 50], which spends the capacity where certification needs
 
 from scoresmooth_jax.training.train import base_config
 
+# The restarts and the export each starts from (the workdirs of the commands above). The runs measured in
+# docs/cifar10.md started from :cpu_long's EMA parameters as shipped then; `cifar10-cpu` has since become
+# :cpu_attn_long's result, so these name the earlier runs' exports.
+_RESTARTS = {"cpu_long_more": "workdirs/score_cifar10_long/export", "cpu_deep": "workdirs/score_cifar10_long/export",
+             "cpu_attn": "workdirs/score_cifar10_long/export",
+             "cpu_attn_long": "workdirs/score_cifar10_attn816/export"}
 SMALL_VARIANTS = ("cpu", "cpu_wide", "cpu_long", "cpu_long_more", "cpu_deep", "cpu_attn", "cpu_attn_long", "cpu_edm",
                   "accel")
 
@@ -87,15 +93,15 @@ def get_config(variant: str = ""):
 def _small_config(variant: str):
   """The small score U-Net trained on the CIFAR-10 JPEG folder (module docstring): 2 CPU cores or one accelerator."""
   wide, accel = variant != "cpu", variant == "accel"  # every small variant but :cpu is the 48-channel network
-  deep, attn, edm = variant == "cpu_deep", variant.startswith("cpu_attn"), variant == "cpu_edm"
-  long, more = variant.startswith("cpu_long") or deep or attn or edm, variant in ("cpu_long_more", "cpu_deep",
-                                                                                 "cpu_attn", "cpu_attn_long")
+  deep, edm = variant == "cpu_deep", variant == "cpu_edm"
+  attention = {"cpu_attn": (16,), "cpu_attn_long": (8, 16)}.get(variant, ())  # self-attention at these sizes
+  init_from = _RESTARTS.get(variant, "")  # the restarts start from an earlier run's export
+  long = variant.startswith("cpu_long") or deep or bool(attention) or edm
   config = base_config("score", "folder:data/cifar10", (32, 32, 3), random_flip=True)
   config.data.eval_name = "npz:../shared/fixtures/cifar10_test_first1017.npz"
   config.data.in_memory = accel  # 150 MB decoded; on CPU, decoding on access hides behind the step
   config.model.name = "score_unet"
   # :cpu_deep: more depth where the pixels are, within the 5 MB float16 limit (the 8x8 level keeps one block)
-  attention = {"cpu_attn": (16,), "cpu_attn_long": (8, 16)}.get(variant, ())  # self-attention at these sizes
   config.model.kwargs.update(dict(channels=48 if wide else 32, channel_mults=(1, 2, 2),
                                   num_res_blocks=(2, 2, 1) if deep else 1, attention_resolutions=attention,
                                   max_groups=8))
@@ -117,12 +123,9 @@ def _small_config(variant: str):
                                                         "cpu_edm": 10_000}[variant],
                              log_every=50, eval_every=1000 if long else 500, checkpoint_every=250,
                              keep_checkpoints=2))
-  if more:  # a second cosine from :cpu_long's result, at half its peak rate after a longer warm-up
+  if init_from:  # a second cosine from an earlier result, at half its peak rate after a longer warm-up
     config.optim.update(dict(learning_rate=1e-3, warmup_steps=500))
-    # The runs measured in docs/cifar10.md started from :cpu_long's EMA parameters as shipped then (float16);
-    # `cifar10-cpu` has since become :cpu_attn_long's result, so these name the earlier runs' exports.
-    config.train.init_from = ("workdirs/score_cifar10_attn816/export" if variant == "cpu_attn_long"
-                              else "workdirs/score_cifar10_long/export")
+    config.train.init_from = init_from
   # Every fixture test image where evaluations are rare; 512 on the short CPU runs, where each takes from training.
   config.eval.update(dict(batch_size=256, num_examples=1017 if accel or long else 512, loss_buckets=4))
   config.lock()

@@ -230,7 +230,8 @@ def describe_model(report: dict) -> str:
     return (f"model {report['model']}: {report['params']:,} parameters; XLA's cost analysis gives no FLOP count "
             f"on this backend ({jax.default_backend()}) for a {shape} image")
   flops = f"{flops / 1e9:,.2f} GFLOPs" if flops >= 1e9 else f"{flops / 1e6:,.2f} MFLOPs"
-  return f"model {report['model']}: {report['params']:,} parameters, {flops} per {shape} image (forward pass, XLA cost analysis)"
+  return (f"model {report['model']}: {report['params']:,} parameters, {flops} per {shape} image "
+          "(forward pass, XLA cost analysis)")
 
 
 def base_config(task: str, dataset: str, image_shape, *, random_flip: bool, random_crop_padding: int = 0):
