@@ -1,4 +1,5 @@
-"""train.init_from: a score run that starts from the EMA parameters of an export or a shipped model."""
+"""train.init_from: a run that starts from the EMA parameters of a score export or a shipped model, or from a
+classifier export (parameters and BatchNorm statistics)."""
 
 import re
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from scoresmooth_jax import models
-from scoresmooth_jax.modelio import export
+from scoresmooth_jax.modelio import classifier, export
 from scoresmooth_jax.models import score_unet
 from scoresmooth_jax.runtime import configs_util
 from scoresmooth_jax.training import train, warm_start
@@ -166,8 +167,71 @@ def test_the_shipped_cifar10_model_continues_from_its_float16_parameters_as_floa
     np.testing.assert_array_equal(value, np.asarray(saved, np.float32))
 
 
-def test_classifiers_cannot_start_from_a_score_model(tmp_path):
+def _checkpoint_steps(workdir):
+  folder = workdir / "checkpoints"
+  return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_a_classifier_cannot_start_from_a_score_model(tmp_path):
   config = configs_util.load_config("configs/classifier_digits.py", "tiny", train__init_from="cifar10-cpu")
-  with pytest.raises(ValueError, match="train.init_from='cifar10-cpu': starting from saved parameters is for score"):
+  with pytest.raises(ValueError, match="train.init_from='cifar10-cpu' could not be loaded as a classifier export"):
     train.train_and_evaluate(config, tmp_path)
-  assert not (tmp_path / "checkpoints").exists()
+  assert not _checkpoint_steps(tmp_path)
+
+
+def test_a_classifier_run_starts_from_the_exports_parameters_and_batchnorm_statistics(tmp_path, capsys):
+  fast = dict(train__num_steps=2, train__log_every=2, train__eval_every=2, train__checkpoint_every=2)
+  # The source: a short run with another seed, so it is far from the random initialisation of the runs below.
+  train.train_and_evaluate(configs_util.load_config("configs/classifier_digits.py", "tiny", seed=1, **fast),
+                           tmp_path / "a")
+  source = classifier.load_classifier(tmp_path / "a" / "export").variables
+  # A learning rate of ~0 keeps the parameters where they start. BatchNorm statistics move with the data, so
+  # they are compared at momentum's reach: far closer to the source's than to a fresh start's (ones and zeros).
+  still = dict(fast, optim__learning_rate=1e-12, train__init_from=str(tmp_path / "a" / "export"))
+  train.train_and_evaluate(configs_util.load_config("configs/classifier_digits.py", "tiny", **still), tmp_path / "b")
+  assert "starting from the parameters of" in capsys.readouterr().out
+  got = classifier.load_classifier(tmp_path / "b" / "export").variables
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), got["params"], source["params"])
+  assert jax.tree.structure(got["batch_stats"]) == jax.tree.structure(source["batch_stats"])
+  train.train_and_evaluate(configs_util.load_config("configs/classifier_digits.py", "tiny",
+                                                    **{**still, "train__init_from": ""}), tmp_path / "c")
+  far = classifier.load_classifier(tmp_path / "c" / "export").variables
+  distance = lambda a, b: max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert distance(far["params"], source["params"]) > 0.01
+  assert distance(got["batch_stats"], source["batch_stats"]) < distance(far["batch_stats"], source["batch_stats"])
+
+
+def test_a_classifier_with_other_normalisation_or_network_is_refused(tmp_path):
+  config = configs_util.load_config("configs/classifier_digits.py", "tiny")
+  task = train.build_task(config)
+  variables = task.init_variables(jax.random.key(0))
+  kwargs = config.model.kwargs.to_dict()
+  mean, std = tuple(config.normalization.mean), tuple(config.normalization.std)
+  shape = tuple(config.data.image_shape)
+  spec = str(classifier.export_classifier(tmp_path / "clf", task.model_name, kwargs, variables, mean, std,
+                                          kwargs["num_classes"], shape))
+  got = warm_start.initial_classifier_variables(spec, task.model_name, kwargs, shape, mean, std, variables)
+  jax.tree.map(np.testing.assert_array_equal, got, variables)
+  other = tuple(m + 0.1 for m in mean)
+  with pytest.raises(ValueError, match=r"normalises with mean=.* but the config has normalization.mean="):
+    warm_start.initial_classifier_variables(spec, task.model_name, kwargs, shape, other, std, variables)
+  with pytest.raises(ValueError, match="set model.name/model.kwargs to the saved ones"):
+    warm_start.initial_classifier_variables(spec, task.model_name, {**kwargs, "num_classes": 7}, shape, mean, std,
+                                            variables)
+
+
+def test_the_white_box_finetune_recipe_starts_from_the_converted_pretrained_resnet20(tmp_path, fixtures_dir):
+  """configs/classifier_cifar10.py:finetune_gaussian_<sigma> fits akamaster's ResNet-20 as the converter writes it."""
+  pytest.importorskip("torch", reason="converting the PyTorch checkpoint needs the torch extra")
+  from scoresmooth_jax.modelio import convert
+
+  spec = str(convert.convert_torch_checkpoint(fixtures_dir / "resnet20-12fca82f.th").export(tmp_path / "resnet20"))
+  config = configs_util.load_config("configs/classifier_cifar10.py", "finetune_gaussian_0.5", train__init_from=spec)
+  assert config.noise_sigma == 0.5 and config.eval.noise_sigmas == (0.5,)
+  task = train.build_task(config)
+  like = jax.eval_shape(task.init_variables, jax.random.key(0))
+  got = warm_start.initial_classifier_variables(spec, task.model_name, config.model.kwargs.to_dict(),
+                                                tuple(config.data.image_shape), tuple(config.normalization.mean),
+                                                tuple(config.normalization.std), like)
+  saved = classifier.load_classifier(spec).variables
+  jax.tree.map(np.testing.assert_array_equal, got, saved)

@@ -12,8 +12,8 @@ Promises:
     last ``train.keep_checkpoints`` kept. The same command with the same workdir resumes from the latest one
     and, since batches and keys depend only on (seed, step), continues exactly as an uninterrupted run would.
   * ``<workdir>/metrics.jsonl``: one JSON record per log / evaluation step; a progress line goes to stdout.
-  * ``train.init_from`` (score models): a fresh run starts from the EMA parameters of a score export or a
-    shipped model of the same architecture, with a fresh optimizer and schedule (``warm_start.py``).
+  * ``train.init_from``: a fresh run starts from the EMA parameters of a score export or a shipped model, or
+    from a classifier export, of the same architecture, with a fresh optimizer and schedule (``warm_start.py``).
   * ``<workdir>/export``: the inference model, written at the end: ``export.load_score_fn`` reads score
     models, ``classifier.load_classifier`` classifiers.
 
@@ -200,9 +200,6 @@ def build_task(config) -> Task:
   """The task of ``config`` (model, loss, evaluation, export), validated; no data is read."""
   if config.task not in TASKS:
     raise ValueError(f"task={config.task!r}: choose one of {TASKS}.")
-  if config.train.get("init_from") and config.task != "score":
-    raise ValueError(f"train.init_from={config.train.init_from!r}: starting from saved parameters is for score "
-                     "models (task='score'); unset it.")
   image_shape = _data_config(config).image_shape
   if config.task == "score":
     return _score_task(config, image_shape)
@@ -265,7 +262,7 @@ def base_config(task: str, dataset: str, image_shape, *, random_flip: bool, rand
       steps_per_dispatch=1,  # XLA:CPU runs convs in loop bodies slowly (train_state.py); raise it on TPU/GPU
       log_every=placeholder(int), eval_every=placeholder(int), checkpoint_every=placeholder(int),
       keep_checkpoints=2,
-      init_from=""))  # score models: an export dir or shipped name to start from (warm_start.py)
+      init_from=""))  # an export dir (or a shipped score model's name) to start from (warm_start.py)
   eval_common = dict(batch_size=placeholder(int), num_examples=placeholder(int))
   if task == "score":
     config.sigma = ml_collections.ConfigDict(dict(sigma_min=0.01, sigma_max=1.0,
@@ -393,9 +390,9 @@ def train_and_evaluate(config, workdir) -> dict:
   else:
     state = train_state.jit_init(make_state, mesh, init_key)(init_key)
     if config.train.get("init_from"):  # a fresh run only: a resumed one continues from its checkpoint
-      params = warm_start.initial_params(config.train.init_from, task.model_name, config.model.kwargs.to_dict(),
-                                         data_config.image_shape, state.params)
-      state = warm_start.warm_started(state, params, replicated)
+      normalization = None if config.task == "score" else (config.normalization.mean, config.normalization.std)
+      state = warm_start.started_from(config.train.init_from, task.model_name, config.model.kwargs.to_dict(),
+                                      data_config.image_shape, state, replicated, normalization)
       if jax.process_index() == 0:
         print(f"starting from the parameters of {config.train.init_from}", flush=True)
   step = int(state.step)

@@ -1,4 +1,4 @@
-"""Starting a score-model run from trained parameters (``train.init_from``).
+"""Starting a run from trained parameters (``train.init_from``): score models and classifiers.
 
 For fine-tuning a trained model, or for training a finished run further under a new learning-rate schedule:
 a finished cosine run cannot simply be resumed with more steps (``train_state.check_resumed_learning_rate``
@@ -15,9 +15,13 @@ Promises:
     their places. The added blocks keep their fresh initialisation, whose zero last convolution (zero output
     projection, for attention) makes each the identity. So a trained model can be deepened, or given non-local
     attention, and trained on without first losing what it learned.
-  * ``warm_started(state, params, sharding)``: the parameters and their EMA both start from ``params``; the
-    step and the optimizer state stay those of a fresh run, so the new run's warm-up and schedule apply from
-    step 0.
+  * ``initial_classifier_variables(spec, ...)`` returns the parameters and BatchNorm statistics of a classifier
+    export (training's or the PyTorch converter's), after checking the model name, constructor arguments,
+    image shape and normalisation against the config: fine-tuning a pretrained classifier, e.g. with Gaussian
+    noise augmentation for white-box smoothing (Cohen et al. 2019).
+  * ``warm_started(state, params, sharding, model_state)``: the parameters and their EMA both start from
+    ``params`` (and the BatchNorm statistics from ``model_state``); the step and the optimizer state stay
+    those of a fresh run, so the new run's warm-up and schedule apply from step 0.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from scoresmooth_jax.modelio import checkpoint, export
+from scoresmooth_jax.modelio import checkpoint, classifier, export
 from scoresmooth_jax.models import score_unet
 
 
@@ -99,8 +104,51 @@ def _grown(spec: str, saved: dict, saved_kwargs: dict, model_kwargs: dict, heigh
   return params
 
 
-def warm_started(state, params: Any, sharding: jax.sharding.Sharding):
-  """``state`` (a fresh ``TrainState``) with its parameters and their EMA replaced by copies of ``params``."""
+def initial_classifier_variables(spec: str, model_name: str, model_kwargs: dict, image_shape, mean, std,
+                                 like: Any) -> Any:
+  """The variables ({"params": ..., "batch_stats": ...}) of the classifier export ``spec``, checked against
+  the configured network and normalisation; ``like`` is the fresh variables tree whose dtypes are returned."""
+  try:
+    variables, metadata = checkpoint.load_model(spec, kind=classifier.KIND)
+  except (checkpoint.CheckpointError, FileNotFoundError) as err:
+    raise ValueError(f"train.init_from={spec!r} could not be loaded as a classifier export: {err}") from None
+  saved_name, saved_kwargs = metadata.get("model"), metadata.get("model_kwargs", {})
+  if saved_name != model_name or _canonical(saved_kwargs) != _canonical(model_kwargs):
+    raise ValueError(f"train.init_from={spec!r} is {saved_name}({_canonical(saved_kwargs)}) but the config trains "
+                     f"{model_name}({_canonical(model_kwargs)}); set model.name/model.kwargs to the saved ones.")
+  if tuple(metadata.get("image_shape", ())) != tuple(image_shape):
+    raise ValueError(f"train.init_from={spec!r} takes images of shape {tuple(metadata.get('image_shape', ()))}, "
+                     f"the config trains on {tuple(image_shape)}; start from a classifier of the data's shape.")
+  for name, saved, configured in (("mean", metadata.get("mean"), mean), ("std", metadata.get("std"), std)):
+    # The network learned features of inputs normalised its way; another normalisation would shift them all.
+    if saved is None or not np.allclose(saved, configured, rtol=0, atol=1e-6):
+      raise ValueError(f"train.init_from={spec!r} normalises with {name}={saved} but the config has "
+                       f"normalization.{name}={tuple(configured)}; set normalization.{name} to the saved values.")
+  try:
+    return jax.tree.map(lambda saved, fresh: jnp.asarray(saved, fresh.dtype), dict(variables), dict(like))
+  except ValueError as err:  # the trees differ: an export that does not fit its own metadata
+    raise ValueError(f"train.init_from={spec!r}: its variables do not fit {model_name}: {err}") from None
+
+
+def warm_started(state, params: Any, sharding: jax.sharding.Sharding, model_state: Any = None):
+  """``state`` (a fresh ``TrainState``) with its parameters and their EMA replaced by copies of ``params``, and
+  its mutable collections (BatchNorm statistics) by ``model_state`` when given."""
   placed = jax.device_put(params, sharding)
   # Two copies, not one buffer twice: the state is donated to the train step.
-  return state.replace(params=placed, ema_params=jax.tree.map(jnp.copy, placed))
+  state = state.replace(params=placed, ema_params=jax.tree.map(jnp.copy, placed))
+  if model_state is not None:
+    state = state.replace(model_state=jax.device_put(model_state, sharding))
+  return state
+
+
+def started_from(spec: str, model_name: str, model_kwargs: dict, image_shape, state, sharding,
+                 normalization=None):
+  """A fresh ``TrainState`` started from ``spec``: a score model's EMA parameters (``normalization`` None), or a
+  classifier export's parameters and BatchNorm statistics (``normalization`` = the config's (mean, std))."""
+  if normalization is None:
+    return warm_started(state, initial_params(spec, model_name, model_kwargs, image_shape, state.params), sharding)
+  mean, std = (tuple(v) for v in normalization)
+  variables = initial_classifier_variables(spec, model_name, model_kwargs, image_shape, mean, std,
+                                           {"params": state.params, **state.model_state})
+  params = variables.pop("params")
+  return warm_started(state, params, sharding, model_state=variables)
