@@ -1,10 +1,17 @@
-r"""Converts a PyTorch ResNet classifier checkpoint into a scoresmooth_jax classifier export.
+r"""Converts a PyTorch classifier (ResNet, timm ViT / BEiT, Hugging Face ViT) into a scoresmooth_jax classifier export.
 
     python scripts/convert_torch_classifier.py \
-      --checkpoint=../shared/fixtures/resnet20-12fca82f.th --output=/tmp/resnet20 \
-      --eval_npz=../shared/fixtures/cifar10_test_first1017.npz
+      --checkpoint=/path/to/resnet20-12fca82f.th --output=/tmp/resnet20 \
+      --eval_npz=/path/to/cifar10_test_first1017.npz
+    # a timm state dict (torch.save(model.state_dict())); --arch: its timm name, or a JSON of constructor arguments
+    python scripts/convert_torch_classifier.py --format=timm --arch=beit_large_patch16_512 \
+      --checkpoint=models/beit_large_patch16_512.pth --output=workdirs/beit_large_patch16_512
+    # a Hugging Face ViTForImageClassification directory (config.json + model.safetensors or pytorch_model.bin)
+    python scripts/convert_torch_classifier.py --format=hf --checkpoint=models/vit-cifar10 \
+      --output=workdirs/vit_b16_cifar10
 
-Formats, detection and checks: see ``scoresmooth_jax.modelio.convert``. The export is read back with
+ResNet formats, detection and checks: see ``scoresmooth_jax.modelio.convert``; ViT and BEiT:
+``scoresmooth_jax.modelio.convert_vit`` (timm presets: ``convert_vit.TIMM_PRESETS``). The export is read back with
 ``scoresmooth_jax.modelio.classifier.load_classifier`` before the script reports success, and, with --eval_npz, its
 top-1 accuracy is printed as "N / M = xx.xx %". Needs PyTorch (`pip install torch==2.13.0`).
 """
@@ -16,12 +23,18 @@ from absl import flags
 
 from scoresmooth_jax.modelio import classifier
 from scoresmooth_jax.modelio import convert
+from scoresmooth_jax.modelio import convert_vit
 from scoresmooth_jax.runtime import xla_cpu
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint file (torch.save) to convert.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint file (torch.save) to convert, or a Hugging "
+                                  "Face model directory (--format=hf).")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write the classifier export to (overwritten).")
-_FORMAT = flags.DEFINE_enum("format", "auto", list(convert.FORMATS),
-                            "Checkpoint format; 'auto' detects akamaster, cohen and torchvision checkpoints.")
+_FORMAT = flags.DEFINE_enum("format", "auto", list(convert.FORMATS) + list(convert_vit.FORMATS),
+                            "Checkpoint format; 'auto' detects akamaster, cohen and torchvision checkpoints; 'timm' "
+                            "(needs --arch) and 'hf' are vision transformers.")
+_ARCH = flags.DEFINE_string("arch", None, "--format=timm: the timm model name (e.g. vit_base_patch16_224, "
+                            "beit_large_patch16_512) or a JSON file {\"timm_class\", \"kwargs\"} of its constructor "
+                            "arguments.")
 _MEAN = flags.DEFINE_list("mean", None, "Per-channel mean of [0, 1] images, e.g. 0.4914,0.4822,0.4465; "
                           "overrides the format's default.")
 _STD = flags.DEFINE_list("std", None, "Per-channel std of [0, 1] images; overrides the format's default.")
@@ -51,10 +64,16 @@ def main(argv):
   if not _CHECKPOINT.value or not _OUTPUT.value:
     raise app.UsageError("--checkpoint and --output are required.")
   xla_cpu.apply_recommended_cpu_flags()  # before the first computation starts JAX's backend
+  common = dict(num_classes=_NUM_CLASSES.value, mean=_floats("mean", _MEAN.value), std=_floats("std", _STD.value),
+                trust_checkpoint=_TRUST.value)
   try:
-    converted = convert.convert_torch_checkpoint(
-        _CHECKPOINT.value, format=_FORMAT.value, num_classes=_NUM_CLASSES.value,
-        mean=_floats("mean", _MEAN.value), std=_floats("std", _STD.value), trust_checkpoint=_TRUST.value)
+    if _FORMAT.value in convert_vit.FORMATS:
+      converted = convert_vit.convert_transformer(_CHECKPOINT.value, _FORMAT.value, arch=_ARCH.value, **common)
+    elif _ARCH.value is not None:
+      raise convert.ConversionError(f"--arch is for --format=timm; --format={_FORMAT.value} reads the "
+                                    "architecture from the checkpoint.")
+    else:
+      converted = convert.convert_torch_checkpoint(_CHECKPOINT.value, format=_FORMAT.value, **common)
   except (convert.ConversionError, ImportError) as err:
     # The message says what is wrong and what to do; a traceback would only bury it.
     raise SystemExit(f"convert_torch_classifier: {err}") from None

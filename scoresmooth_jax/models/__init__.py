@@ -20,6 +20,8 @@ MODELS: dict[str, str] = {
     "score_unet": "scoresmooth_jax.models.score_unet:ScoreUNet",
     "ncsnpp": "scoresmooth_jax.models.ncsnpp:NCSNpp",
     "openai_unet": "scoresmooth_jax.models.openai_unet:OpenAIUNet",
+    "vit": "scoresmooth_jax.models.vit:VisionTransformer",
+    "beit": "scoresmooth_jax.models.beit:Beit",
 }
 
 
