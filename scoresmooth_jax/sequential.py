@@ -2,7 +2,7 @@
 
 ``certify`` draws the same n for every image, although most images are settled long before: a misclassified
 image is known to abstain after a few hundred draws, an image far above a radius after a few hundred more.
-``certify_sequential`` (public name: ``smoothing.certify_sequential``) looks at the counts on a fixed grid and
+``certify_sequential`` looks at the counts on a fixed grid and
 stops as soon as more draws (up to ``n_max``) cannot change the answer the user asked for.
 
 Statistics: Clopper-Pearson at each look, with alpha split over a fixed grid of looks (Bonferroni).
@@ -69,10 +69,11 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import numpy as np
 from jax.sharding import Mesh
-from scipy import stats
 
 from scoresmooth_jax import noise as noise_lib
 from scoresmooth_jax import smoothing
+from scoresmooth_jax.certificate import (ABSTAIN, ESTIMATION_PHASE, SELECTION_PHASE, SEQUENTIAL_PHASE, Certificate,
+                                         check_alpha, check_count, clopper_pearson_lower, clopper_pearson_upper)
 
 DEFAULT_FIRST_LOOK = 100
 DEFAULT_RELATIVE_TOLERANCE = 0.05
@@ -111,9 +112,9 @@ class Plan:
 
 def plan(n_max: int, alpha: float, first_look: int = DEFAULT_FIRST_LOOK) -> Plan:
   """Doubling looks up to ``n_max``, the first >= ``first_look``; alpha split evenly (module docstring)."""
-  n_max = smoothing._check_count("n_max", n_max)
-  first_look = smoothing._check_count("first_look", first_look)
-  alpha = smoothing._check_alpha(alpha)
+  n_max = check_count("n_max", n_max)
+  first_look = check_count("first_look", first_look)
+  alpha = check_alpha(alpha)
   looks = [n_max]
   while True:
     # Halving from the top keeps n_max itself a look, so the last look is the full budget.
@@ -125,21 +126,6 @@ def plan(n_max: int, alpha: float, first_look: int = DEFAULT_FIRST_LOOK) -> Plan
   return Plan(tuple(looks), (alpha / len(looks),) * len(looks))
 
 
-def clopper_pearson_upper(k, n, alpha):
-  """One-sided (1 - alpha) upper confidence bound on a binomial proportion: Beta.ppf(1 - alpha; k + 1, n - k).
-
-  1.0 for k = n. Vectorised over numpy arrays ``k``, ``n``; float64.
-  """
-  k, n = np.asarray(k, np.float64), np.asarray(n, np.float64)
-  return np.where(k >= n, 1.0, stats.beta.ppf(1.0 - alpha, k + 1.0, np.maximum(n - k, 1.0)))
-
-
-def _clopper_pearson_lower(k, n, alpha):
-  """``smoothing.clopper_pearson_lower`` vectorised, also for real-valued counts: Beta.ppf(alpha; k, n - k + 1)."""
-  k, n = np.asarray(k, np.float64), np.asarray(n, np.float64)
-  return np.where(k <= 0, 0.0, stats.beta.ppf(alpha, np.maximum(k, 1e-300), n - k + 1.0))
-
-
 def _radii(nz: noise_lib.Noise, p) -> np.ndarray:
   """``nz.certified_radius`` elementwise (it is a scalar function of the host, in float64)."""
   return np.asarray([nz.certified_radius(float(q)) for q in np.ravel(p)], np.float64).reshape(np.shape(p))
@@ -147,7 +133,7 @@ def _radii(nz: noise_lib.Noise, p) -> np.ndarray:
 
 def largest_radius(nz: noise_lib.Noise, the_plan: Plan) -> float:
   """The largest radius any image can be certified at: every one of n_max draws a hit, level alpha_K."""
-  return float(_radii(nz, _clopper_pearson_lower(the_plan.n_max, the_plan.n_max, the_plan.alphas[-1])))
+  return float(_radii(nz, clopper_pearson_lower(the_plan.n_max, the_plan.n_max, the_plan.alphas[-1])))
 
 
 def default_tolerance(nz: noise_lib.Noise, the_plan: Plan) -> float:
@@ -203,7 +189,7 @@ def settle(counts, look: int, the_plan: Plan, nz: noise_lib.Noise, *, radius: fl
 def _settle_distinct(counts: np.ndarray, look: int, the_plan: Plan, nz: noise_lib.Noise, radius, max_radius,
                      tolerance, radii) -> Outcome:
   n, alpha_j, last = the_plan.looks[look], the_plan.alphas[look], look == len(the_plan.looks) - 1
-  lower = _clopper_pearson_lower(counts, n, alpha_j)
+  lower = clopper_pearson_lower(counts, n, alpha_j)
   current = _radii(nz, lower)  # 0.0 where lower <= 1/2
   upper = clopper_pearson_upper(counts, n, alpha_j)
   if radius is not None:
@@ -214,7 +200,7 @@ def _settle_distinct(counts: np.ndarray, look: int, the_plan: Plan, nz: noise_li
     return Outcome(stop, certified, np.where(certified, float(radius), 0.0), lower, counts, n)
   certified = lower > 0.5
   # The best radius n_max draws could still give, if p were as large as the data allow (upper).
-  best_lower = _clopper_pearson_lower(upper * the_plan.n_max, the_plan.n_max, the_plan.alphas[-1])
+  best_lower = clopper_pearson_lower(upper * the_plan.n_max, the_plan.n_max, the_plan.alphas[-1])
   best = _radii(nz, best_lower)
   if max_radius is not None:
     best = np.minimum(best, max_radius)
@@ -256,8 +242,8 @@ def run(hits: Callable[[int, int], int], the_plan: Plan, nz: noise_lib.Noise, **
 def round_key(key: jax.Array, look: int) -> jax.Array:
   """The key of look ``look``'s draws (0-based); look 0 uses ``certify``'s estimation key."""
   if look == 0:
-    return jax.random.fold_in(key, smoothing.ESTIMATION_PHASE)
-  return jax.random.fold_in(jax.random.fold_in(key, smoothing.SEQUENTIAL_PHASE), look)
+    return jax.random.fold_in(key, ESTIMATION_PHASE)
+  return jax.random.fold_in(jax.random.fold_in(key, SEQUENTIAL_PHASE), look)
 
 
 def _check_radius(name: str, value, allow_zero: bool) -> float | None:
@@ -274,7 +260,7 @@ def certify_sequential(base_classifier: smoothing.BaseClassifier, x, nz: noise_l
                        alpha: float, key: jax.Array, *, num_classes: int, batch_size: int,
                        radius: float | None = None, max_radius: float | None = None,
                        tolerance: float | None = None, radii: Sequence[float] | None = None,
-                       first_look: int = DEFAULT_FIRST_LOOK, mesh: Mesh | None = None) -> smoothing.Certificate:
+                       first_look: int = DEFAULT_FIRST_LOOK, mesh: Mesh | None = None) -> Certificate:
   """``smoothing.certify``'s guarantee with as few estimation draws as settle the answer (module docstring).
 
   Args:
@@ -290,10 +276,10 @@ def certify_sequential(base_classifier: smoothing.BaseClassifier, x, nz: noise_l
       >= n_max gives a single look at n_max, which is exactly ``smoothing.certify``.
 
   Returns:
-    A ``smoothing.Certificate``; ``n`` is the number of estimation draws used, ``p_lower`` the bound at the
+    A ``Certificate``; ``n`` is the number of estimation draws used, ``p_lower`` the bound at the
     stopping look (level alpha / number of looks).
   """
-  n0 = smoothing._check_count("n0", n0)
+  n0 = check_count("n0", n0)
   the_plan = plan(n_max, alpha, first_look)
   radius = _check_radius("radius", radius, allow_zero=True)
   max_radius = _check_radius("max_radius", max_radius, allow_zero=False)
@@ -311,12 +297,12 @@ def certify_sequential(base_classifier: smoothing.BaseClassifier, x, nz: noise_l
                      "or a settled abstention), or None for the default.")
   common = dict(num_classes=num_classes, batch_size=batch_size, mesh=mesh)
   n0_counts = smoothing.sample_counts(base_classifier, x, nz, n0,
-                                      jax.random.fold_in(key, smoothing.SELECTION_PHASE), **common)
+                                      jax.random.fold_in(key, SELECTION_PHASE), **common)
   selected = int(np.argmax(n0_counts))
 
   def hits(look: int, num: int) -> int:
     return int(smoothing.sample_counts(base_classifier, x, nz, num, round_key(key, look), **common)[selected])
 
   out = run(hits, the_plan, nz, radius=radius, max_radius=max_radius, tolerance=float(tolerance), radii=radii)
-  prediction = selected if out.certified else smoothing.ABSTAIN
-  return smoothing.Certificate(prediction, out.radius, out.p_lower, out.count, out.n, n0_counts)
+  prediction = selected if out.certified else ABSTAIN
+  return Certificate(prediction, out.radius, out.p_lower, out.count, out.n, n0_counts)

@@ -14,8 +14,8 @@ Promises:
     ``_counter``); its output must be one floating array of logits [batch, num_classes].
   * The selection (n0) and estimation (n) draws of ``certify`` use independent keys (``fold_in`` of the
     caller's key with distinct phase numbers); devices and batches fold in their own indices.
-  * ``certify_sequential`` (module ``sequential``) keeps ``certify``'s guarantee with fewer draws: it stops
-    each image once its answer is settled.
+  * ``sequential.certify_sequential`` keeps ``certify``'s guarantee with fewer draws: it stops each image once
+    its answer is settled. ``Certificate``, ``ABSTAIN`` and the bounds live in ``certificate``, which both share.
   * Statistics (Clopper-Pearson, binomial test, radii) are computed in float64 on the host.
   * Every function is pure: the same key gives the same answer on the same mesh.
 """
@@ -23,7 +23,7 @@ Promises:
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,70 +33,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import stats
 
 from scoresmooth_jax import noise as noise_lib
+from scoresmooth_jax.certificate import (  # noqa: F401 (smoothing's public names, shared with sequential)
+    ABSTAIN, ESTIMATION_PHASE, PREDICTION_PHASE, SELECTION_PHASE, Certificate, check_alpha, check_count,
+    clopper_pearson_lower)
 from scoresmooth_jax.runtime import sharding
 
-ABSTAIN = -1
-
-# Phase numbers folded into an image's key, so no two purposes ever share a key.
-SELECTION_PHASE = 0
-ESTIMATION_PHASE = 1
-PREDICTION_PHASE = 2
-SEQUENTIAL_PHASE = 3  # certify_sequential's looks after the first (the first uses ESTIMATION_PHASE)
-
 BaseClassifier = Callable[[jax.Array], jax.Array]
-
-
-class Certificate(NamedTuple):
-  """The outcome of ``certify`` for one image.
-
-  Attributes:
-    prediction: the smoothed classifier's class, or ``ABSTAIN`` (-1) when p_lower <= 1/2.
-    radius: certified radius in the noise's norm (``noise.norm``); 0.0 on ABSTAIN.
-    p_lower: one-sided (1 - alpha) Clopper-Pearson lower bound on the top class's probability.
-    count: how many of the ``n`` estimation draws the base classifier gave the selected class.
-    n: number of estimation draws.
-    n0_counts: int64 class counts of the n0 selection draws (which chose the class).
-  """
-
-  prediction: int
-  radius: float
-  p_lower: float
-  count: int
-  n: int
-  n0_counts: np.ndarray
-
-
-def _check_count(name: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{name}={value!r} must be an integer >= 1.")
-  if value >= 2**31:
-    raise ValueError(f"{name}={value!r} is too large: counts are accumulated in int32 on device; "
-                     "split the draws into several calls and add the counts.")
-  return int(value)
-
-
-def _check_alpha(alpha) -> float:
-  value = float(alpha)
-  if not 0.0 < value < 1.0:
-    raise ValueError(f"alpha={alpha!r} must lie in (0, 1): it is the probability that the certificate is "
-                     "wrong (Cohen et al. use 0.001).")
-  return value
-
-
-def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:
-  """One-sided (1 - alpha) lower confidence bound on a binomial proportion, from ``k`` successes in ``n``.
-
-  This is Beta.ppf(alpha; k, n - k + 1), and 0.0 for k = 0; it equals statsmodels'
-  ``proportion_confint(k, n, alpha=2 * alpha, method="beta")[0]``. Computed in float64.
-  """
-  n = _check_count("n", n)
-  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= n:
-    raise ValueError(f"k={k!r} must be an integer count in [0, n={n}].")
-  alpha = _check_alpha(alpha)
-  if k == 0:
-    return 0.0
-  return float(stats.beta.ppf(alpha, int(k), n - int(k) + 1))
-
 
 def _check_logits(logits, batch_size: int, num_classes: int) -> None:
   """Raises (at trace time) unless the classifier returned one floating array of logits [batch, num_classes]."""
@@ -199,9 +141,9 @@ def sample_counts(base_classifier: BaseClassifier, x, nz: noise_lib.Noise, num: 
   Returns:
     int64 numpy array [num_classes] that sums to exactly ``num``.
   """
-  num = _check_count("num", num)
-  num_classes = _check_count("num_classes", num_classes)
-  batch_size = _check_count("batch_size", batch_size)
+  num = check_count("num", num)
+  num_classes = check_count("num_classes", num_classes)
+  batch_size = check_count("batch_size", batch_size)
   if not isinstance(nz, noise_lib.Noise):
     raise TypeError(f"nz={nz!r} must be a scoresmooth_jax.noise distribution, e.g. noise.Gaussian(sigma=0.25).")
   x = jnp.asarray(x)
@@ -228,7 +170,7 @@ def predict(base_classifier: BaseClassifier, x, nz: noise_lib.Noise, n: int, alp
   n1 successes in n1 + n2 trials against 1/2 has p-value > ``alpha``. A returned class differs from g(x)
   with probability at most ``alpha``.
   """
-  alpha = _check_alpha(alpha)
+  alpha = check_alpha(alpha)
   counts = sample_counts(base_classifier, x, nz, n, jax.random.fold_in(key, PREDICTION_PHASE),
                          num_classes=num_classes, batch_size=batch_size, mesh=mesh)
   top2 = np.argsort(-counts, kind="stable")[:2]
@@ -247,9 +189,9 @@ def certify(base_classifier: BaseClassifier, x, nz: noise_lib.Noise, n0: int, n:
   p_lower = ``clopper_pearson_lower(k, n, alpha)``. If p_lower <= 1/2 the result is ABSTAIN with radius 0,
   else the radius is ``nz.certified_radius(p_lower)`` in the norm ``nz.norm``.
   """
-  n0 = _check_count("n0", n0)
-  n = _check_count("n", n)
-  alpha = _check_alpha(alpha)
+  n0 = check_count("n0", n0)
+  n = check_count("n", n)
+  alpha = check_alpha(alpha)
   common = dict(num_classes=num_classes, batch_size=batch_size, mesh=mesh)
   n0_counts = sample_counts(base_classifier, x, nz, n0, jax.random.fold_in(key, SELECTION_PHASE), **common)
   selected = int(np.argmax(n0_counts))
@@ -259,23 +201,3 @@ def certify(base_classifier: BaseClassifier, x, nz: noise_lib.Noise, n0: int, n:
   if p_lower <= 0.5:
     return Certificate(ABSTAIN, 0.0, p_lower, count, n, n0_counts)
   return Certificate(selected, nz.certified_radius(p_lower), p_lower, count, n, n0_counts)
-
-
-def certify_sequential(base_classifier: BaseClassifier, x, nz: noise_lib.Noise, n0: int, n_max: int, alpha: float,
-                       key: jax.Array, *, num_classes: int, batch_size: int, radius: float | None = None,
-                       max_radius: float | None = None, tolerance: float | None = None, radii=None,
-                       first_look: int | None = None, mesh: Mesh | None = None) -> Certificate:
-  """``certify``'s guarantee with as few of ``n_max`` estimation draws as settle the answer.
-
-  ``radius=r``: decision mode (the class with radius r, or ABSTAIN); otherwise radius mode (stops when more
-  draws could add at most ``tolerance`` of radius or could not change at which of the reported ``radii`` the
-  image is certified, at ``max_radius``, or when abstention is settled). The
-  returned ``n`` is the number of estimation draws used. Statistics, stopping rules, defaults and the proof
-  of the guarantee: ``scoresmooth_jax.sequential``.
-  """
-  from scoresmooth_jax import sequential  # imported here: sequential builds on this module
-  if first_look is None:
-    first_look = sequential.DEFAULT_FIRST_LOOK
-  return sequential.certify_sequential(base_classifier, x, nz, n0, n_max, alpha, key, num_classes=num_classes,
-                                       batch_size=batch_size, radius=radius, max_radius=max_radius,
-                                       tolerance=tolerance, radii=radii, first_look=first_look, mesh=mesh)

@@ -29,7 +29,7 @@ _ANNEALED_IMAGES = flags.DEFINE_integer("annealed_images", 50, "Test digits cert
 _N0 = flags.DEFINE_integer("n0", 100, "Selection draws per image.")
 _N = flags.DEFINE_integer("n", 1000, "Estimation draws per image (the paper uses 10,000; 1,000 keeps it fast); "
                           "with --sequential the budget n_max.")
-_SEQUENTIAL = flags.DEFINE_bool("sequential", True, "Certify sequentially (smoothing.certify_sequential, told the "
+_SEQUENTIAL = flags.DEFINE_bool("sequential", True, "Certify sequentially (sequential.certify_sequential, told the "
                                 "table's radii): each image stops once more draws could not change at which radius "
                                 "of the table it is certified, with the same guarantee; --nosequential draws n for "
                                 "every image.")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scoresmooth_jax.datasets import data
+from scoresmooth_jax.datasets import data, sources
 from scoresmooth_jax.runtime import sharding
 
 
@@ -100,7 +100,7 @@ def test_load_into_memory_equals_decoding_on_access(tmp_path):
   _tree(tmp_path, np.random.default_rng(3), per_class=(5, 4, 7))
   lazy = data.get_source(f"folder:{tmp_path}", "train")
   kept = data.load_into_memory(lazy, workers=2, chunk=3)  # several chunks, the last one short
-  assert isinstance(kept, data.ArraySource) and kept.num_classes == 3 and len(kept) == 16
+  assert isinstance(kept, sources.ArraySource) and kept.num_classes == 3 and len(kept) == 16
   order = np.random.default_rng(0).permutation(16)
   for got, want in zip(kept.get_batch(order), lazy.get_batch(order)):
     np.testing.assert_array_equal(got, want)
@@ -119,7 +119,7 @@ def test_load_into_memory_refuses_too_much_and_non_8bit(tmp_path):
   with pytest.raises(ValueError, match=r"need .* GiB decoded.*data.in_memory=False"):
     data.load_into_memory(lazy, max_bytes=6 * 6 * 3 * 5)  # 6 images, room for 5
 
-  class HalfSteps(data.ImageSource):  # pixels that are not k / 255
+  class HalfSteps(sources.ImageSource):  # pixels that are not k / 255
     name, num_classes, image_shape = "half", 2, (2, 2, 1)
 
     def __len__(self):

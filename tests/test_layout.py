@@ -1,7 +1,7 @@
-"""The package layout: the functional API at the top level, everything else in a subpackage by job, and the old
-top-level names either still loading (as attributes, with a warning) or failing with the new place named."""
+"""The package layout: the functional API at the top level, everything else in a subpackage by job, and no
+import loops (also none hidden in function-local imports)."""
 
-import importlib
+import ast
 import json
 import pathlib
 import subprocess
@@ -12,54 +12,81 @@ import pytest
 import scoresmooth_jax
 
 PACKAGE = pathlib.Path(scoresmooth_jax.__file__).parent
-OLD_NAMES = sorted(scoresmooth_jax.MOVED_MODULES)
+MAX_LINES = 450
 
 
 def test_the_top_level_holds_only_the_functional_api():
   assert sorted(p.name for p in PACKAGE.glob("*.py")) == [
-      "__init__.py", "denoise.py", "noise.py", "sequential.py", "smoothing.py"]
+      "__init__.py", "certificate.py", "denoise.py", "noise.py", "sequential.py", "smoothing.py"]
 
 
-def test_every_moved_module_exists_at_its_new_place_and_not_at_the_old():
-  for old, new in scoresmooth_jax.MOVED_MODULES.items():
-    assert importlib.import_module(new).__name__ == new
-    assert not (PACKAGE / f"{old}.py").exists()
+def _module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-@pytest.mark.parametrize("old", OLD_NAMES)
-def test_an_old_name_as_an_attribute_loads_the_moved_module_with_a_warning(old):
-  new = scoresmooth_jax.MOVED_MODULES[old]
-  with pytest.warns(DeprecationWarning, match=f"scoresmooth_jax.{old} moved to {new}"):
-    module = getattr(scoresmooth_jax, old)
-  assert module is importlib.import_module(new)
+def _imports(path: pathlib.Path, modules: set[str]) -> set[str]:
+  """The package's modules that ``path`` imports anywhere in its body (top level or inside functions)."""
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      names = [alias.name for alias in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      # `from a.b import c` imports the module a.b.c when there is one, else takes the name c from a.b
+      subs = [f"{node.module}.{alias.name}" for alias in node.names]
+      names = [name for name in subs if name in modules] or [node.module]
+    else:
+      continue
+    found |= {name for name in names if name in modules}
+  return found
 
 
-def test_from_import_of_an_old_name_works_and_warns_at_the_caller():
-  with pytest.warns(DeprecationWarning, match="scoresmooth_jax.modelio.classifier") as caught:
-    from scoresmooth_jax import classifier  # pylint: disable=import-outside-toplevel
-  assert classifier.load_classifier is importlib.import_module("scoresmooth_jax.modelio.classifier").load_classifier
-  assert caught[0].filename == __file__  # stacklevel points at the import, so the warning is actionable
+def _import_graph() -> dict[str, set[str]]:
+  files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+  modules = set(files)
+  # A package's __init__ importing its own submodules is how packages work, not a loop between modules.
+  return {name: {m for m in _imports(path, modules) if not name or not m.startswith(name + ".")}
+          for name, path in files.items()}
 
 
-@pytest.mark.parametrize("old", OLD_NAMES)
-def test_an_old_dotted_import_fails_naming_the_new_place(old):
-  new = scoresmooth_jax.MOVED_MODULES[old]
-  with pytest.raises(ModuleNotFoundError, match=f"scoresmooth_jax.{old}'.*moved to {new}") as raised:
-    importlib.import_module(f"scoresmooth_jax.{old}")
-  assert raised.value.name == f"scoresmooth_jax.{old}"
+def _cycle(graph: dict[str, set[str]]):
+  """One import cycle as a list of modules, or None."""
+  state = {}
+
+  def visit(node, stack):
+    state[node] = "open"
+    for nxt in sorted(graph.get(node, ())):
+      if state.get(nxt) == "open":
+        return stack[stack.index(nxt):] + [nxt]
+      if nxt not in state:
+        found = visit(nxt, stack + [nxt])
+        if found:
+          return found
+    state[node] = "done"
+    return None
+
+  for start in sorted(graph):
+    if start not in state:
+      found = visit(start, [start])
+      if found:
+        return found
+  return None
 
 
-def test_an_old_from_dotted_import_fails_naming_the_new_place():
-  # `data` is also the folder of package data: without the hook it would import as an empty namespace package.
-  with pytest.raises(ModuleNotFoundError, match="scoresmooth_jax.datasets.data"):
-    from scoresmooth_jax.data import get_source  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+def test_no_module_of_the_package_imports_itself_back():
+  cycle = _cycle(_import_graph())
+  assert cycle is None, " -> ".join(cycle)
 
 
-def test_other_missing_names_stay_plain_errors():
-  with pytest.raises(AttributeError, match="no attribute 'no_such_module'"):
-    scoresmooth_jax.no_such_module  # pylint: disable=pointless-statement
-  with pytest.raises(ModuleNotFoundError, match="No module named 'scoresmooth_jax.no_such_module'$"):
-    importlib.import_module("scoresmooth_jax.no_such_module")
+def test_the_cycle_finder_finds_a_loop_through_a_function_local_import():
+  assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+  assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_module_is_longer_than_the_house_limit():
+  long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
+          if (n := len(p.read_text().splitlines())) > MAX_LINES}
+  assert not long, f"split these modules (over {MAX_LINES} lines): {long}"
 
 
 def test_importing_the_package_loads_no_job_subpackage():

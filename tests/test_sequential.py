@@ -174,7 +174,7 @@ def test_single_look_is_certify_exactly():
     key = jax.random.fold_in(jax.random.key(4), i)
     fixed = smoothing.certify(clf, X, nz, 20, 400, 0.01, key, num_classes=2, batch_size=16)
     for rules in (dict(), dict(max_radius=0.1), dict(tolerance=10.0)):
-      seq = smoothing.certify_sequential(clf, X, nz, 20, 400, 0.01, key, num_classes=2, batch_size=16,
+      seq = sequential.certify_sequential(clf, X, nz, 20, 400, 0.01, key, num_classes=2, batch_size=16,
                                          first_look=400, **rules)
       assert seq[:5] == fixed[:5]
       np.testing.assert_array_equal(seq.n0_counts, fixed.n0_counts)
@@ -198,7 +198,7 @@ def test_same_key_same_certificate_one_compilation_and_fresh_keys_per_look(monke
 
   monkeypatch.setattr(smoothing, "sample_counts", spy)
   nz = noise.Gaussian(0.5)
-  run = lambda key: smoothing.certify_sequential(clf, X, nz, 20, 3200, 0.01, key, num_classes=2, batch_size=16,
+  run = lambda key: sequential.certify_sequential(clf, X, nz, 20, 3200, 0.01, key, num_classes=2, batch_size=16,
                                                  tolerance=0.0)
   first = run(jax.random.key(9))
   # n0 and every look, each a different number of draws: one program. Building it traces the classifier at most
@@ -222,8 +222,8 @@ def test_draws_never_exceed_n_max_and_decision_mode_answers_at_r(margin):
   common = dict(num_classes=2, batch_size=16)
   for i in range(2):
     key = jax.random.fold_in(jax.random.key(1), i)
-    decision = smoothing.certify_sequential(clf, X, nz, 20, 1000, 0.01, key, radius=0.25, **common)
-    radius = smoothing.certify_sequential(clf, X, nz, 20, 1000, 0.01, key, **common)
+    decision = sequential.certify_sequential(clf, X, nz, 20, 1000, 0.01, key, radius=0.25, **common)
+    radius = sequential.certify_sequential(clf, X, nz, 20, 1000, 0.01, key, **common)
     for cert in (decision, radius):
       assert 1 <= cert.n <= 1000 and cert.n in sequential.plan(1000, 0.01).looks and 0 <= cert.count <= cert.n
     assert decision.radius in (0.0, 0.25) and (decision.radius == 0.25) == (decision.prediction == 1)
@@ -243,5 +243,5 @@ def test_bad_arguments_are_named(kwargs, match):
   args.update(kwargs)
   n_max, alpha = args.pop("n_max"), args.pop("alpha")
   with pytest.raises(ValueError, match=match):
-    smoothing.certify_sequential(linear_classifier(0.1), X, noise.Gaussian(0.5), 10, n_max, alpha,
+    sequential.certify_sequential(linear_classifier(0.1), X, noise.Gaussian(0.5), 10, n_max, alpha,
                                  jax.random.key(0), num_classes=2, batch_size=4, **args)

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 from statsmodels.stats.proportion import proportion_confint
 
-from scoresmooth_jax import noise, smoothing
+from scoresmooth_jax import certificate, noise, smoothing
 from scoresmooth_jax.runtime import sharding
 
 D = 4  # image shape (D,): the smoothing code is shape-agnostic
@@ -36,10 +36,27 @@ def test_clopper_pearson_matches_statsmodels(n, alpha):
 
 
 @pytest.mark.parametrize("args", [(11, 10, 0.01), (-1, 10, 0.01), (5, 0, 0.01), (5, 10, 0.0), (5, 10, 1.0),
-                                  (1.5, 10, 0.01)])
+                                  (True, 10, 0.01), (float("nan"), 10, 0.01)])
 def test_clopper_pearson_rejects_bad_arguments(args):
   with pytest.raises(ValueError):
     smoothing.clopper_pearson_lower(*args)
+  with pytest.raises(ValueError):
+    certificate.clopper_pearson_upper(*args)
+
+
+def test_clopper_pearson_bounds_are_vectorised_and_match_statsmodels_on_both_sides():
+  n, alpha = 200, 0.01
+  k = np.arange(n + 1)
+  lower, upper = certificate.clopper_pearson_lower(k, n, alpha), certificate.clopper_pearson_upper(k, n, alpha)
+  for i in (0, 1, 77, 199, 200):
+    expected_low, expected_up = proportion_confint(i, n, alpha=2 * alpha, method="beta")
+    assert lower[i] == pytest.approx(expected_low, rel=1e-9, abs=1e-14)
+    assert upper[i] == pytest.approx(expected_up, rel=1e-9, abs=1e-14)
+    assert lower[i] == smoothing.clopper_pearson_lower(i, n, alpha)  # the scalar call is the same function
+  assert np.all(np.diff(lower) > 0) and np.all(np.diff(upper) > 0) and np.all(lower < upper)
+  # A real-valued count interpolates between its neighbours (sequential asks what a hit rate would certify).
+  between = certificate.clopper_pearson_lower(77.5, n, alpha)
+  assert lower[77] < between < lower[78]
 
 
 def constant_classifier(x):

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from flax import traverse_util
 
 from scoresmooth_jax import denoise
-from scoresmooth_jax.datasets import data
+from scoresmooth_jax.datasets import data, sources
 from scoresmooth_jax.modelio import classifier
 from scoresmooth_jax.runtime import configs_util, sharding
 from scoresmooth_jax.training import train, train_state
@@ -187,7 +187,7 @@ def test_nan_loss_stops_training(tmp_path, monkeypatch):
   # Corrupt the training images after validation, so the program is the tiny config's (compiled already).
   real_get_source = data.get_source
   poisoned = data.get_source("digits", "train")
-  poisoned = data.ArraySource("digits", *poisoned.get_batch(np.arange(len(poisoned))))
+  poisoned = sources.ArraySource("digits", *poisoned.get_batch(np.arange(len(poisoned))))
   poisoned._images[:] = np.nan
   monkeypatch.setattr(data, "get_source", lambda name, split, **kw: poisoned if split == "train"
                       else real_get_source(name, split, **kw))

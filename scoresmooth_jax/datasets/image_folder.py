@@ -3,7 +3,7 @@
 ``PATH/<split>/<class>/<image>.{png,jpg,jpeg}`` (extensions in any case). Classes are the sub-folders of the
 split, sorted by name, and an image's label is its class's index in that order (so ``airplane ... truck`` gives
 CIFAR-10's labels 0..9). Images are decoded with Pillow on access (random access, nothing cached), as uint8 RGB,
-and returned as float32 [H, W, 3] in [0, 1] like every other ``data.ImageSource``.
+and returned as float32 [H, W, 3] in [0, 1] like every other ``sources.ImageSource``.
 
 Promises:
   * Every problem that can be seen from the layout fails at construction with an error naming the path: a
@@ -23,7 +23,7 @@ import pathlib
 
 import numpy as np
 
-from scoresmooth_jax.datasets.data import ImageSource, resize_and_crop
+from scoresmooth_jax.datasets.sources import ImageSource, resize_and_crop
 
 PREFIX = "folder:"
 EXTENSIONS = (".png", ".jpg", ".jpeg")
