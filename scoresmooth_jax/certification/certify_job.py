@@ -15,7 +15,7 @@ Promises:
     done before an interruption, nor on which process does image i. A resumed job may change how the same
     function is computed (batch size, devices, ``classifier.fold_batchnorm``), nothing else.
   * ``certify.batch_size = 0`` is resolved once per run from XLA's memory estimate (``batching``) and printed.
-  * ``certify.sequential.enabled`` certifies with ``smoothing.certify_sequential`` (``certify.n`` is then the
+  * ``certify.sequential.enabled`` certifies with ``sequential.certify_sequential`` (``certify.n`` is then the
     budget n_max): same guarantee, each image stops once settled; its record holds the draws it used (``n``).
   * Multi-host: with ``config.distributed.enabled`` each process certifies the images i with
     ``i % process_count == process_index`` on its own local devices and writes its own record files;
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from scoresmooth_jax import denoise, noise as noise_lib, smoothing
+from scoresmooth_jax import denoise, noise as noise_lib, sequential, smoothing
 from scoresmooth_jax.certification import records
 from scoresmooth_jax.runtime import batching, sharding
 
@@ -83,7 +83,7 @@ def base_config():
   # batch_size is per device per loop step; 0 picks the largest power of two whose sampling step XLA estimates to
   # fit half the device's memory (batching.auto_batch_size). On a CPU a smaller batch is often faster.
   config.certify = ml_collections.ConfigDict(dict(n0=100, n=10_000, alpha=0.001, batch_size=1000, seed=0))
-  # Sequential certification (smoothing.certify_sequential): certify.n becomes the budget n_max and each image
+  # Sequential certification (sequential.certify_sequential): certify.n becomes the budget n_max and each image
   # stops once its answer is settled, with the same guarantee. radius >= 0: decision mode (certified at that
   # radius, or not). Else radius mode: give the radii you report (e.g. (0.0, 0.25, 0.5)) and each image stops
   # once more draws could not change at which of them it is certified; max_radius > 0 stops images certified
@@ -353,7 +353,7 @@ def _record(job: Job, idx: int, key, mesh) -> dict:
   start = time.perf_counter()
   if spec.mode == "certify" and spec.sequential is not None:
     seq = spec.sequential
-    cert = smoothing.certify_sequential(job.base_classifier, x, job.nz, spec.n0, spec.n, spec.alpha, key,
+    cert = sequential.certify_sequential(job.base_classifier, x, job.nz, spec.n0, spec.n, spec.alpha, key,
                                         radius=seq.radius, max_radius=seq.max_radius, tolerance=seq.tolerance,
                                         radii=seq.radii, first_look=seq.first_look, **common)
   elif spec.mode == "certify":
