@@ -17,7 +17,7 @@ MAX_LINES = 450
 
 def test_the_top_level_holds_only_the_functional_api():
   assert sorted(p.name for p in PACKAGE.glob("*.py")) == [
-      "__init__.py", "certificate.py", "denoise.py", "noise.py", "sequential.py", "smoothing.py"]
+      "__init__.py", "certificate.py", "denoise.py", "noise.py", "resize.py", "sequential.py", "smoothing.py"]
 
 
 def _module_name(path: pathlib.Path) -> str:
