@@ -12,6 +12,7 @@ import sys
 from absl import app, flags
 
 from scoresmooth_jax.certification import report
+from scoresmooth_jax.runtime import cli
 
 _RUNS = flags.DEFINE_multi_string("run", None, "NAME=PATH of a run (repeat the flag for several runs).")
 _RADII = flags.DEFINE_list("radii", ["0", "0.25", "0.5", "0.75", "1.0"], "Radii of the table's columns.")
@@ -52,4 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -28,13 +28,13 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from scoresmooth_jax import noise
 from scoresmooth_jax.certification import certify_job, figures, report
 from scoresmooth_jax.datasets import data
 from scoresmooth_jax.modelio import convert, export
-from scoresmooth_jax.runtime import xla_cpu
+from scoresmooth_jax.runtime import cli, xla_cpu
 from scoresmooth_jax.runtime.configs_util import load_config
 from scoresmooth_jax.training import evaluate
 
@@ -195,4 +195,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

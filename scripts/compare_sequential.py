@@ -12,10 +12,10 @@ command can be stopped and run again; --procedures picks a subset.
 
 import pathlib
 
-from absl import app, flags
+from absl import flags
 
 from scoresmooth_jax.certification import certify_job, report
-from scoresmooth_jax.runtime import xla_cpu
+from scoresmooth_jax.runtime import cli, xla_cpu
 from scoresmooth_jax.runtime.configs_util import load_config
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/sequential", "Where the records and the table go.")
@@ -78,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

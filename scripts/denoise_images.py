@@ -10,12 +10,12 @@ for improved-/guided-diffusion checkpoints (README), e.g. ImageNet at the model'
 
 import numpy as np
 import jax
-from absl import app, flags
+from absl import flags
 
 from scoresmooth_jax import denoise, noise
 from scoresmooth_jax.certification import certify_job, figures
 from scoresmooth_jax.datasets import data
-from scoresmooth_jax.runtime import xla_cpu
+from scoresmooth_jax.runtime import cli, xla_cpu
 
 _SCORE = flags.DEFINE_string("score", None, "Score model: export directory, score_sde:<preset>:<path> or "
                              "openai:<preset>:<path.pt>.")
@@ -48,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

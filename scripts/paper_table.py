@@ -17,13 +17,12 @@ accuracy, largest certifiable radius, draws per image, hours), best.csv and curv
 """
 
 import pathlib
-import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from scoresmooth_jax.certification import certify_job, paper_table, report
-from scoresmooth_jax.runtime import xla_cpu
+from scoresmooth_jax.runtime import cli, xla_cpu
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where records and tables go; reused to resume.")
 _ROWS = flags.DEFINE_multi_string("row", None, "NAME=CLASSIFIER or NAME=CLASSIFIER@SCORE (repeat for more rows).")
@@ -47,13 +46,10 @@ def main(argv):
   del argv
   xla_cpu.apply_recommended_cpu_flags()  # before the first computation starts JAX's backend
   logging.set_verbosity(logging.WARNING)
-  try:
-    rows = [paper_table.parse_row(text) for text in _ROWS.value]
-    caps = paper_table.parse_caps(_IMAGES_AT.value)
-    sigmas = [float(s) for s in _SIGMAS.value]
-    radii = [float(r) for r in _RADII.value]
-  except ValueError as err:
-    raise app.UsageError(str(err)) from None
+  rows = [paper_table.parse_row(text) for text in _ROWS.value]
+  caps = paper_table.parse_caps(_IMAGES_AT.value)
+  sigmas = [float(s) for s in _SIGMAS.value]
+  radii = [float(r) for r in _RADII.value]
   root = pathlib.Path(_WORKDIR.value)
   root.mkdir(parents=True, exist_ok=True)
   start = time.time()
@@ -70,12 +66,7 @@ def main(argv):
         config = paper_table.job_config(row, sigma, dataset=_DATASET.value, num_images=num_images, n0=_N0.value,
                                         n=_N.value, alpha=_ALPHA.value, batch_size=_BATCH.value, radii=radii,
                                         seed=_SEED.value)
-        try:
-          records = certify_job.run_certification(config, workdir)
-        except (ValueError, FileNotFoundError) as err:  # CheckpointError is a ValueError
-          # A bad path, sigma or workdir: the message names it and the fix; a traceback would bury it.
-          print(f"paper_table: {row.name}, sigma={sigma:g}: {err}", file=sys.stderr)
-          sys.exit(2)
+        records = certify_job.run_certification(config, workdir)
       results[row.name][sigma] = [r for r in records if r["idx"] < num_images]
   text = paper_table.markdown(results, radii, n=_N.value, alpha=_ALPHA.value, n0=_N0.value)
   (root / "table.md").write_text(text)
@@ -86,4 +77,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -3,11 +3,11 @@
   python scripts/predict.py --config configs/certify_digits.py --workdir workdirs/predict_digits
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from scoresmooth_jax.certification import certify_job
-from scoresmooth_jax.runtime import xla_cpu
+from scoresmooth_jax.runtime import cli, xla_cpu
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Certification config (configs/certify_*.py).",
                                           lock_config=True)
@@ -22,4 +22,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -7,10 +7,10 @@ Prints the model's parameter count and forward FLOPs per image first; ``--config
 Running the same command again with the same workdir resumes from the latest checkpoint.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from scoresmooth_jax.runtime import xla_cpu
+from scoresmooth_jax.runtime import cli, xla_cpu
 from scoresmooth_jax.training import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/classifier_*.py file (a ':tiny' suffix picks the "
@@ -27,4 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
