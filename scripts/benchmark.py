@@ -7,6 +7,9 @@ Quick check (seconds):
 The full OpenAI diffusion presets (random weights) one-step + classifier in sample_counts, weights as program
 constants and as arguments, one fresh process per row (the 256x256 ADM takes minutes to compile on CPU):
   python scripts/benchmark.py --openai_presets --out runs/benchmark_openai.json
+ViT-B/16 at 224 (Carlini et al.'s CIFAR-10 classifier, random weights): its forward pass, and one-step iDDPM + resize +
+ViT-B/16 inside sample_counts (bench.vit_rows; --batch_size sets the per-device batch, default 4):
+  python scripts/benchmark.py --vit --out runs/benchmark_vit.json
 
 All logic lives in ``scoresmooth_jax.bench`` (see its docstring for what each row measures and how).
 XLA flags are read when JAX starts its backend, so --xla_flags is applied before JAX is imported.
@@ -28,6 +31,7 @@ _SWEEP = flags.DEFINE_list("torch_sweep_batch_sizes", None, "More batch sizes at
 _OPENAI = flags.DEFINE_bool("openai_presets", False, "Only the OpenAI diffusion preset rows (bench.openai_rows), "
                             "instead of the default benchmark.")
 _OPENAI_ONLY = flags.DEFINE_list("openai_preset_names", None, "Which presets (default: both).")
+_VIT = flags.DEFINE_bool("vit", False, "Only the ViT-B/16 rows (bench.vit_rows), instead of the default benchmark.")
 _NCSNPP = flags.DEFINE_bool("ncsnpp", True, "Run the NCSN++ one-step row (about 20 GFLOP per image).")
 _MEMORY = flags.DEFINE_bool("memory", True, "Measure peak memory in a fresh subprocess per configuration.")
 _FIXTURES = flags.DEFINE_string("fixtures_dir", None, "Directory with the trained ResNet-20 fixture and CIFAR-10 "
@@ -65,6 +69,15 @@ def main(argv):
     rows = openai_rows.openai_rows(names, log=lambda line: print(f"# {line}", flush=True))
     bench.write_json({"openai_presets": rows, "environment": bench.environment()}, _OUT.value)
     print(openai_rows.markdown(rows))
+    print(f"\nJSON: {os.path.abspath(_OUT.value)}")
+    return
+  if _VIT.value:
+    from scoresmooth_jax.bench import vit_rows  # pylint: disable=import-outside-toplevel
+
+    rows = vit_rows.vit_rows(_BATCH.value or vit_rows.DEFAULT_BATCH, _REPEATS.value or 3,
+                             log=lambda line: print(f"# {line}", flush=True))
+    bench.write_json({"vit": rows, "environment": bench.environment()}, _OUT.value)
+    print(vit_rows.markdown(rows))
     print(f"\nJSON: {os.path.abspath(_OUT.value)}")
     return
   if _TINY.value:
