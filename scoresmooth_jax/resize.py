@@ -21,6 +21,8 @@ Promises:
     outputs up- and downsampling. Antialiasing only changes shrinking: when enlarging, ``bilinear_antialias``
     equals ``bilinear`` and ``bicubic_antialias`` is the a = -0.5 cubic with renormalised edges.
   * Values are not clipped: cubic kernels overshoot [0, 1] near edges, as PyTorch's do.
+  * ``fit_images`` is the certification job's ``classifier.input`` step: a central crop, or ``resize`` optionally
+    clipped back to [0, 1].
 """
 
 from __future__ import annotations
@@ -127,3 +129,17 @@ def resize(images: jax.Array, size: tuple[int, int], method: str = "bicubic_anti
   x = jnp.einsum("ph,bhwc->bpwc", rows, x, precision=jax.lax.Precision.HIGHEST)
   x = jnp.einsum("qw,bpwc->bpqc", cols, x, precision=jax.lax.Precision.HIGHEST)
   return x.astype(dtype)
+
+
+def fit_images(images: jax.Array, shape: tuple[int, int, int], how: str, method: str = "bicubic_antialias",
+               clip: bool = True) -> jax.Array:
+  """Dataset-size images [B, H, W, C] -> a classifier's (H', W', C): unchanged ("none" or equal sizes), the central
+  crop ("center_crop"), or ``resize`` by ``method`` ("resize"), clipped back to [0, 1] if ``clip``."""
+  if how == "none" or tuple(images.shape[1:]) == tuple(shape):
+    return images
+  h, w = images.shape[1:3]
+  if how == "center_crop":
+    top, left = (h - shape[0]) // 2, (w - shape[1]) // 2
+    return images[:, top:top + shape[0], left:left + shape[1], :]
+  resized = resize(images, shape[:2], method)
+  return jnp.clip(resized, 0.0, 1.0) if clip else resized

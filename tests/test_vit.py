@@ -20,6 +20,7 @@ import pytest
 from scoresmooth_jax.modelio import classifier
 from scoresmooth_jax.modelio import convert_hf_vit
 from scoresmooth_jax.modelio import convert_vit
+from scoresmooth_jax.modelio import vit_state_dict
 from scoresmooth_jax.modelio.convert import ConversionError
 from scoresmooth_jax.models import get_model, vit
 
@@ -141,7 +142,7 @@ def test_every_preset_matches_its_flax_model(name):
     for part in entry.flax_path[:-1]:
       node = node.setdefault(part, {})
     node[entry.flax_path[-1]] = entry.combine([np.zeros(s, np.float32) for _, s in entry.sources])
-  convert_vit.check_against_module(variables, module_name, kwargs, (arch.img_size, arch.img_size, 3))
+  vit_state_dict.check_against_module(variables, module_name, kwargs, (arch.img_size, arch.img_size, 3))
 
 
 # ---- state dicts that do not fit ----------------------------------------------------------------------------

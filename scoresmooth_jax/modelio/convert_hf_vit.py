@@ -7,7 +7,7 @@ Promises:
   * safetensors files are parsed here with numpy (``read_safetensors``): no pickle, no new dependency; a
     ``pytorch_model.bin`` is read with ``torch.load(weights_only=True)``.
   * The separate query / key / value projections become ``vit.Attention``'s fused one; every tensor is checked
-    as ``convert_vit.match_state_dict`` does (the first missing or mis-shaped key in the model's order, then the
+    as ``vit_state_dict.match_state_dict`` does (the first missing or mis-shaped key in the model's order, then the
     first unexpected one), and layer_norm_eps, qkv_bias and the GELU variant come from ``config.json``.
   * The normalisation is ``preprocessor_config.json``'s image_mean / image_std (none if do_normalize is false),
     else ViTImageProcessor's 0.5 / 0.5, unless ``mean=`` / ``std=`` are given.
@@ -24,9 +24,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from scoresmooth_jax.modelio import convert
-from scoresmooth_jax.modelio import convert_vit
+from scoresmooth_jax.modelio import vit_state_dict
 from scoresmooth_jax.modelio.convert import ConversionError, ConvertedClassifier
-from scoresmooth_jax.modelio.convert_vit import INCEPTION_MEAN, INCEPTION_STD, Entry
+from scoresmooth_jax.modelio.vit_state_dict import INCEPTION_MEAN, INCEPTION_STD, Entry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +72,9 @@ def hf_arch_from_config(config: Mapping[str, Any], source="config.json") -> HFAr
 def hf_entries(arch: HFArch, num_classes: int) -> list[Entry]:
   """The tensors of a ``ViTForImageClassification`` state dict, in the model's order."""
   d, grid = arch.hidden_size, arch.image_size // arch.patch_size
-  out = [convert_vit.array_entry("vit.embeddings.cls_token", ("cls_token",), (1, 1, d)),
-         convert_vit.array_entry("vit.embeddings.position_embeddings", ("pos_embed",), (1, grid * grid + 1, d))]
-  out += convert_vit.patch_embed_entries("vit.embeddings.patch_embeddings.projection", d, arch.num_channels,
+  out = [vit_state_dict.array_entry("vit.embeddings.cls_token", ("cls_token",), (1, 1, d)),
+         vit_state_dict.array_entry("vit.embeddings.position_embeddings", ("pos_embed",), (1, grid * grid + 1, d))]
+  out += vit_state_dict.patch_embed_entries("vit.embeddings.patch_embeddings.projection", d, arch.num_channels,
                                          arch.patch_size)
   for i in range(arch.num_hidden_layers):
     b, p = f"vit.encoder.layer.{i}", (f"block_{i}",)
@@ -84,13 +84,13 @@ def hf_entries(arch: HFArch, num_classes: int) -> list[Entry]:
                      lambda a: np.concatenate([w.T for w in a], axis=1)))
     if arch.qkv_bias:
       out.append(Entry(p + ("attn", "qkv", "bias"), tuple((f"{k}.bias", (d,)) for k in qkv), np.concatenate))
-    out += convert_vit.linear_entries(f"{b}.attention.output.dense", p + ("attn", "proj"), d, d)
-    out += convert_vit.linear_entries(f"{b}.intermediate.dense", p + ("mlp", "fc1"), d, arch.intermediate_size)
-    out += convert_vit.linear_entries(f"{b}.output.dense", p + ("mlp", "fc2"), arch.intermediate_size, d)
-    out += convert_vit.norm_entries(f"{b}.layernorm_before", p + ("norm1",), d)
-    out += convert_vit.norm_entries(f"{b}.layernorm_after", p + ("norm2",), d)
-  out += convert_vit.norm_entries("vit.layernorm", ("norm",), d)
-  out += convert_vit.linear_entries("classifier", ("head",), d, num_classes)
+    out += vit_state_dict.linear_entries(f"{b}.attention.output.dense", p + ("attn", "proj"), d, d)
+    out += vit_state_dict.linear_entries(f"{b}.intermediate.dense", p + ("mlp", "fc1"), d, arch.intermediate_size)
+    out += vit_state_dict.linear_entries(f"{b}.output.dense", p + ("mlp", "fc2"), arch.intermediate_size, d)
+    out += vit_state_dict.norm_entries(f"{b}.layernorm_before", p + ("norm1",), d)
+    out += vit_state_dict.norm_entries(f"{b}.layernorm_after", p + ("norm2",), d)
+  out += vit_state_dict.norm_entries("vit.layernorm", ("norm",), d)
+  out += vit_state_dict.linear_entries("classifier", ("head",), d, num_classes)
   return out
 
 
@@ -164,7 +164,7 @@ def read_hf_weights(model_dir: pathlib.Path, trust_checkpoint: bool = False) -> 
       state.update(read_safetensors(model_dir / shard))
     return state
   if binary.is_file():
-    return convert_vit.unwrap_state_dict(convert.load_torch_checkpoint(binary, trust_checkpoint=trust_checkpoint))
+    return vit_state_dict.unwrap_state_dict(convert.load_torch_checkpoint(binary, trust_checkpoint=trust_checkpoint))
   raise ConversionError(f"{model_dir} has no weights: expected model.safetensors, model.safetensors.index.json or "
                         "pytorch_model.bin beside config.json (save_pretrained writes them).")
 
@@ -196,13 +196,13 @@ def convert_hf_model(model_dir, *, num_classes: int | None = None, mean=None, st
     raise ConversionError(f"{model_dir} is not a Hugging Face model directory: it has no config.json.")
   arch = hf_arch_from_config(json.loads(config_path.read_text()), config_path)
   state = read_hf_weights(model_dir, trust_checkpoint)
-  classes = convert_vit.head_rows(state, "classifier.weight", num_classes)
+  classes = vit_state_dict.head_rows(state, "classifier.weight", num_classes)
   module_name, model_kwargs = hf_module(arch, classes)
-  variables = convert_vit.match_state_dict(state, hf_entries(arch, classes), f"the ViT of {config_path}")
+  variables = vit_state_dict.match_state_dict(state, hf_entries(arch, classes), f"the ViT of {config_path}")
   shape = (arch.image_size, arch.image_size, arch.num_channels)
-  convert_vit.check_against_module(variables, module_name, model_kwargs, shape)
+  vit_state_dict.check_against_module(variables, module_name, model_kwargs, shape)
   default_mean, default_std = _hf_normalisation(model_dir)
-  mean, std = convert_vit.normalisation(mean, std, default_mean, default_std, arch.num_channels)
+  mean, std = vit_state_dict.normalisation(mean, std, default_mean, default_std, arch.num_channels)
   metadata = {"source_format": "hf", "source_arch": "ViTForImageClassification",
               "source_checkpoint": str(model_dir.resolve())}
   return ConvertedClassifier(module_name, model_kwargs, variables, mean, std, classes, shape, metadata)
