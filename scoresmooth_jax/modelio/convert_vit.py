@@ -19,8 +19,8 @@ Promises:
     mis-shaped key is named with both shapes, then the first unexpected one (in the file's order), in a
     ``convert.ConversionError``. Buffers that are functions of the architecture (BEiT's
     ``relative_position_index``) are checked equal to ours and dropped.
-  * The number of classes and the input size come from the tensors (head rows, position-embedding or
-    relative-bias-table size) through the preset's shapes; ``num_classes=`` is checked against the head.
+  * The number of classes is the head's (``num_classes=`` is checked against it); the input size is the
+    architecture's, and weights made for another size fail on the position-embedding or relative-bias-table shape.
   * The input normalisation is the preset's (timm's default config for that model), a Hugging Face directory's
     ``preprocessor_config.json`` (else ViTImageProcessor's 0.5 / 0.5), or ``mean=`` / ``std=``; it is recorded in
     the export. ``ConvertedClassifier.export`` writes what ``classifier.load_classifier`` reads back as
