@@ -24,7 +24,7 @@ training images and evaluated, clean and at sigma, on lossless test images:
 
 from scoresmooth_jax.training.train import base_config
 
-FINETUNE_EPOCHS = 4  # noisy test accuracy gains little after (its metrics.jsonl shows the curve per epoch)
+FINETUNE_EPOCHS = 4  # at sigma 0.25 the last epoch adds 0.3 points of noisy test accuracy (metrics.jsonl, per epoch)
 _FINETUNE_STEPS_PER_EPOCH = 390  # 50,000 images at batch 128
 
 
