@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from scoresmooth_jax.modelio import compute_dtype as compute_dtype_lib
 from scoresmooth_jax.models.openai_unet import OpenAIUNet, torch_key, torch_order  # noqa: F401 (re-exported)
 from scoresmooth_jax.modelio.pretrained import PretrainedError, _per_example, split_spec
 
@@ -371,12 +372,15 @@ def read_state_dict(path) -> Mapping[str, Any]:
   return state
 
 
-def load_openai(checkpoint_path, preset: Union[str, OpenAIPreset]) -> tuple[OpenAIScoreFn, float, float]:
+def load_openai(checkpoint_path, preset: Union[str, OpenAIPreset],
+                compute_dtype=None) -> tuple[OpenAIScoreFn, float, float]:
   """Loads an improved-/guided-diffusion checkpoint as a score function on [0, 1] images at our sigma.
 
   Args:
     checkpoint_path: a ``.pt`` state dict (e.g. cifar10_uncond_50M_500K.pt, 256x256_diffusion_uncond.pt).
     preset: a name in ``PRESETS`` or an ``OpenAIPreset``.
+    compute_dtype: None or "float32" (default), or "bfloat16": the network's compute dtype (parameters stay
+      float32, the score is float32; ``compute_dtype.with_compute_dtype``).
 
   Returns:
     ``(score_fn, sigma_min, sigma_max)``.
@@ -384,6 +388,8 @@ def load_openai(checkpoint_path, preset: Union[str, OpenAIPreset]) -> tuple[Open
   preset = get_preset(preset)
   params = convert_state_dict(read_state_dict(checkpoint_path), preset)
   score_fn = OpenAIScoreFn(preset=preset, params=params)
+  if compute_dtype is not None:
+    score_fn = compute_dtype_lib.with_compute_dtype(score_fn, compute_dtype)
   return score_fn, score_fn.sigma_min, score_fn.sigma_max
 
 
@@ -397,7 +403,7 @@ def parse_openai_spec(spec: str) -> tuple[str, str]:
   return split_spec(spec, SPEC_PREFIX, "openai:cifar10_uncond_50M_500K:/data/cifar10_uncond_50M_500K.pt", PRESETS)
 
 
-def load_openai_from_spec(spec: str) -> tuple[OpenAIScoreFn, float, float]:
+def load_openai_from_spec(spec: str, compute_dtype=None) -> tuple[OpenAIScoreFn, float, float]:
   """``load_openai`` from a config string "openai:<preset>:<path.pt>"."""
   preset, path = parse_openai_spec(spec)
-  return load_openai(path, preset)
+  return load_openai(path, preset, compute_dtype=compute_dtype)

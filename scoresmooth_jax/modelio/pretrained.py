@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
+from scoresmooth_jax.modelio import compute_dtype as compute_dtype_lib
 from scoresmooth_jax.models.ncsnpp import NCSNpp
 
 SPEC_PREFIX = "score_sde"
@@ -140,7 +141,9 @@ PRESETS: dict[str, Preset] = {
 }
 
 # score_sde config.model keys that NCSNpp takes as they are; the rest of config.model is SDE or training data.
-_MODEL_KEYS = tuple(f.name for f in dataclasses.fields(NCSNpp) if f.name not in ("parent", "name", "centered"))
+# (dtype is ours, the compute dtype, not a score_sde setting.)
+_MODEL_KEYS = tuple(f.name for f in dataclasses.fields(NCSNpp)
+                    if f.name not in ("parent", "name", "centered", "dtype"))
 _TUPLE_KEYS = ("ch_mult", "attn_resolutions", "fir_kernel")
 
 
@@ -371,8 +374,8 @@ def check_params(params: Mapping, preset: Preset) -> dict:
   return traverse_util.unflatten_dict({k: jnp.asarray(v, jnp.float32) for k, v in got.items()})
 
 
-def load_score_sde(checkpoint_path, preset: Union[str, Preset], *,
-                   use_ema: bool = True) -> tuple[ScoreSdeScoreFn, float, float]:
+def load_score_sde(checkpoint_path, preset: Union[str, Preset], *, use_ema: bool = True,
+                   compute_dtype=None) -> tuple[ScoreSdeScoreFn, float, float]:
   """Loads a score_sde checkpoint as a score function on [0, 1] images at our sigma.
 
   Args:
@@ -380,6 +383,8 @@ def load_score_sde(checkpoint_path, preset: Union[str, Preset], *,
     preset: a name in ``PRESETS`` (e.g. "cifar10_ncsnpp_continuous", "cifar10_ddpmpp_continuous") or a
       ``Preset`` (see ``preset_from_config``).
     use_ema: take the EMA parameters (score_sde's evaluation weights) rather than the raw ones.
+    compute_dtype: None or "float32" (default), or "bfloat16": the network's compute dtype (parameters stay
+      float32, the score is float32; ``compute_dtype.with_compute_dtype``).
 
   Returns:
     ``(score_fn, sigma_min, sigma_max)``: the ``ScoreSdeScoreFn`` and the sigma range it was trained on.
@@ -387,6 +392,8 @@ def load_score_sde(checkpoint_path, preset: Union[str, Preset], *,
   preset = get_preset(preset)
   params = check_params(read_checkpoint_params(checkpoint_path, use_ema=use_ema), preset)
   score_fn = ScoreSdeScoreFn(preset=preset, params=params)
+  if compute_dtype is not None:
+    score_fn = compute_dtype_lib.with_compute_dtype(score_fn, compute_dtype)
   return score_fn, score_fn.sigma_min, score_fn.sigma_max
 
 
@@ -413,7 +420,8 @@ def parse_score_sde_spec(spec: str) -> tuple[str, str]:
                     "checkpoint_<n>", PRESETS)
 
 
-def load_score_sde_from_spec(spec: str, *, use_ema: bool = True) -> tuple[ScoreSdeScoreFn, float, float]:
+def load_score_sde_from_spec(spec: str, *, use_ema: bool = True,
+                             compute_dtype=None) -> tuple[ScoreSdeScoreFn, float, float]:
   """``load_score_sde`` from a config string "score_sde:<preset>:<path>"."""
   preset, path = parse_score_sde_spec(spec)
-  return load_score_sde(path, preset, use_ema=use_ema)
+  return load_score_sde(path, preset, use_ema=use_ema, compute_dtype=compute_dtype)

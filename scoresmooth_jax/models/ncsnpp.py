@@ -26,6 +26,9 @@ Call: ``module.apply({"params": p}, x, cond)`` with ``x`` NHWC and ``cond`` one 
 Supported settings: everything score_sde's NCSN++ class accepts except ``scale_by_sigma`` with a positional
 embedding (score_sde's discrete-sigma VE models, which index a fixed table of sigmas). ``dropout`` acts only
 with ``train=True`` (then it needs a ``"dropout"`` rng); ``init_scale`` only affects initialisation.
+``dtype`` (not a score_sde setting; float32 by default) is the compute dtype: with bfloat16 the parameters stay
+float32 (cast where used), the conditioning embedding's features, GroupNorm statistics and attention softmax stay
+float32, and the output is float32.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ class NCSNpp(nn.Module):
   scale_by_sigma: bool = True
   centered: bool = False
   nonlinearity: str = "swish"
+  dtype: Any = jnp.float32
 
   def __post_init__(self):
     _check_choice("resblock_type", self.resblock_type, ("biggan", "ddpm"))
@@ -106,33 +110,37 @@ class NCSNpp(nn.Module):
       temb = GaussianFourierProjection(embedding_size=nf, scale=self.fourier_scale)(jnp.log(cond))
     else:
       temb = timestep_embedding(cond, nf)
+    dtype = self.dtype
     if self.conditional:
-      temb = nn.Dense(nf * 4, kernel_init=default_init())(temb)
-      temb = nn.Dense(nf * 4, kernel_init=default_init())(act(temb))
+      temb = nn.Dense(nf * 4, kernel_init=default_init(), dtype=dtype)(temb)
+      temb = nn.Dense(nf * 4, kernel_init=default_init(), dtype=dtype)(act(temb))
     else:
       temb = None
 
     def resnet_block(**kwargs):
       if self.resblock_type == "biggan":
         return ResnetBlockBigGANpp(act=act, dropout=self.dropout, fir=self.fir, fir_kernel=self.fir_kernel,
-                                   init_scale=self.init_scale, skip_rescale=self.skip_rescale, **kwargs)
+                                   init_scale=self.init_scale, skip_rescale=self.skip_rescale, dtype=dtype,
+                                   **kwargs)
       return ResnetBlockDDPMpp(act=act, dropout=self.dropout, init_scale=self.init_scale,
-                               skip_rescale=self.skip_rescale, **kwargs)
+                               skip_rescale=self.skip_rescale, dtype=dtype, **kwargs)
 
     def attn_block():
-      return AttnBlockpp(init_scale=self.init_scale, skip_rescale=self.skip_rescale)
+      return AttnBlockpp(init_scale=self.init_scale, skip_rescale=self.skip_rescale, dtype=dtype)
 
     def norm_act(h):
-      return act(nn.GroupNorm(num_groups=_num_groups(h.shape[-1]))(h))
+      return act(nn.GroupNorm(num_groups=_num_groups(h.shape[-1]), dtype=dtype)(h))
 
-    resample = dict(fir=self.fir, fir_kernel=self.fir_kernel)
+    resample = dict(fir=self.fir, fir_kernel=self.fir_kernel, dtype=dtype)
     channels = x.shape[-1]
     if not self.centered:
       x = 2 * x - 1  # the network works on [-1, 1]
+    # From here on in the compute dtype: Conv2d, NIN and the FIR filters follow their input's dtype.
+    x = x.astype(dtype)
 
     # Encoder. ``skips`` keeps every intermediate feature map for the decoder's concatenations.
     pyramid_in = x if self.progressive_input != "none" else None
-    skips = [_conv(x, nf, 3)]
+    skips = [_conv(x, nf, 3, dtype=dtype)]
     for level in range(num_levels):
       for _ in range(self.num_res_blocks):
         h = resnet_block(out_ch=nf * self.ch_mult[level])(skips[-1], temb, train)
@@ -146,7 +154,7 @@ class NCSNpp(nn.Module):
           h = resnet_block(down=True)(skips[-1], temb, train)
         if self.progressive_input == "input_skip":
           pyramid_in = Downsample(with_conv=False, **resample)(pyramid_in)
-          h = Combine(method=self.progressive_combine)(pyramid_in, h)
+          h = Combine(method=self.progressive_combine, dtype=dtype)(pyramid_in, h)
         elif self.progressive_input == "residual":
           pyramid_in = Downsample(out_ch=h.shape[-1], with_conv=True, **resample)(pyramid_in)
           pyramid_in = (pyramid_in + h) / _SQRT2 if self.skip_rescale else pyramid_in + h
@@ -168,11 +176,11 @@ class NCSNpp(nn.Module):
         h = attn_block()(h)
 
       if self.progressive == "output_skip":
-        out = _conv(norm_act(h), channels, 3, init_scale=self.init_scale)
+        out = _conv(norm_act(h), channels, 3, init_scale=self.init_scale, dtype=dtype)
         pyramid = out if level == num_levels - 1 else Upsample(with_conv=False, **resample)(pyramid) + out
       elif self.progressive == "residual":
         if level == num_levels - 1:
-          pyramid = _conv(norm_act(h), h.shape[-1], 3)
+          pyramid = _conv(norm_act(h), h.shape[-1], 3, dtype=dtype)
         else:
           pyramid = Upsample(out_ch=h.shape[-1], with_conv=True, **resample)(pyramid)
           pyramid = (pyramid + h) / _SQRT2 if self.skip_rescale else pyramid + h
@@ -188,8 +196,9 @@ class NCSNpp(nn.Module):
     if self.progressive == "output_skip":
       h = pyramid
     else:
-      h = _conv(norm_act(h), channels, 3, init_scale=self.init_scale)
+      h = _conv(norm_act(h), channels, 3, init_scale=self.init_scale, dtype=dtype)
 
+    h = h.astype(jnp.float32)
     if self.scale_by_sigma:
       h = h / cond.reshape((-1,) + (1,) * (h.ndim - 1))  # fourier embedding: cond is sigma
     return h

@@ -3,12 +3,16 @@
 The class names (``Conv2d``, ``NIN``, ``AttnBlockpp``, ``ResnetBlockBigGANpp``, ...) and the order in which
 each block creates its sub-modules are part of score_sde's checkpoint format: Linen derives parameter names
 from them. They must not be renamed or reordered.
+
+Every block computes in its ``dtype`` (float32 by default; bfloat16 for tensor cores): parameters stay float32 and
+are cast where used, GroupNorm statistics and the attention softmax stay float32. ``Conv2d``, ``NIN`` and the FIR
+filters compute in the dtype of their input.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -36,10 +40,15 @@ def default_init(scale: float = 1.0):
   return nn.initializers.variance_scaling(1e-10 if scale == 0 else scale, "fan_avg", "uniform")
 
 
-def _conv(x, features: int, kernel: int, *, stride: int = 1, init_scale: float = 1.0):
-  """A SAME-padded square convolution with bias, named ``Conv_<i>`` in the caller's scope."""
+def _conv(x, features: int, kernel: int, *, stride: int = 1, init_scale: float = 1.0, dtype: Any = jnp.float32):
+  """A SAME-padded square convolution with bias, named ``Conv_<i>`` in the caller's scope, computed in ``dtype``."""
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
-                 kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros)(x)
+                 kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros, dtype=dtype)(x)
+
+
+def _group_norm(channels: int, dtype: Any) -> nn.GroupNorm:
+  # Flax reduces the statistics in float32 whatever ``dtype``, which is the output's.
+  return nn.GroupNorm(num_groups=_num_groups(channels), dtype=dtype)
 
 
 def _num_groups(channels: int) -> int:
@@ -186,14 +195,16 @@ class AttnBlockpp(nn.Module):
 
   skip_rescale: bool = False
   init_scale: float = 0.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
-    y = nn.GroupNorm(num_groups=_num_groups(c))(x)
+    y = _group_norm(c, self.dtype)(x)
     q, k, v = NIN(c)(y), NIN(c)(y), NIN(c)(y)
     logits = jnp.einsum("bhwc,bHWc->bhwHW", q, k).reshape(b, h, w, h * w) * (c ** -0.5)
-    weights = jax.nn.softmax(logits, axis=-1).reshape(b, h, w, h, w)
+    # The softmax in float32 whatever the compute dtype: its exponentials and sum need the range.
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(y.dtype).reshape(b, h, w, h, w)
     y = jnp.einsum("bhwHW,bHWc->bhwc", weights, v)
     y = NIN(c, init_scale=self.init_scale)(y)
     return (x + y) / _SQRT2 if self.skip_rescale else x + y
@@ -206,6 +217,7 @@ class Upsample(nn.Module):
   with_conv: bool = False
   fir: bool = False
   fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
@@ -215,7 +227,7 @@ class Upsample(nn.Module):
         return Conv2d(out_ch, 3, up=True, resample_kernel=self.fir_kernel)(x)
       return upsample_2d(x, self.fir_kernel, factor=2)
     h = naive_upsample_2d(x, 2)
-    return _conv(h, out_ch, 3) if self.with_conv else h
+    return _conv(h, out_ch, 3, dtype=self.dtype) if self.with_conv else h
 
 
 class Downsample(nn.Module):
@@ -225,6 +237,7 @@ class Downsample(nn.Module):
   with_conv: bool = False
   fir: bool = False
   fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
@@ -234,7 +247,7 @@ class Downsample(nn.Module):
         return Conv2d(out_ch, 3, down=True, resample_kernel=self.fir_kernel)(x)
       return downsample_2d(x, self.fir_kernel, factor=2)
     if self.with_conv:
-      return _conv(x, out_ch, 3, stride=2)
+      return _conv(x, out_ch, 3, stride=2, dtype=self.dtype)
     return naive_downsample_2d(x, 2)
 
 
@@ -242,10 +255,11 @@ class Combine(nn.Module):
   """Merges the input pyramid ``x`` into features ``y``: a 1x1 conv of ``x`` to y's width, then sum or concat."""
 
   method: str = "cat"
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, y):
-    h = _conv(x, y.shape[-1], 1)
+    h = _conv(x, y.shape[-1], 1, dtype=self.dtype)
     if self.method == "cat":
       return jnp.concatenate([h, y], axis=-1)
     if self.method == "sum":
@@ -253,9 +267,9 @@ class Combine(nn.Module):
     raise ValueError(f"progressive_combine={self.method!r}: use 'cat' or 'sum'.")
 
 
-def _time_bias(temb, act, out_ch):
+def _time_bias(temb, act, out_ch, dtype):
   # Per-channel bias from the (activated) time embedding, broadcast over pixels.
-  return nn.Dense(out_ch, kernel_init=default_init())(act(temb))[:, None, None, :]
+  return nn.Dense(out_ch, kernel_init=default_init(), dtype=dtype)(act(temb))[:, None, None, :]
 
 
 class ResnetBlockDDPMpp(nn.Module):
@@ -267,20 +281,22 @@ class ResnetBlockDDPMpp(nn.Module):
   dropout: float = 0.1
   skip_rescale: bool = False
   init_scale: float = 0.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, temb=None, train: bool = False):
     in_ch = x.shape[-1]
     out_ch = self.out_ch or in_ch
-    h = self.act(nn.GroupNorm(num_groups=_num_groups(in_ch))(x))
-    h = _conv(h, out_ch, 3)
+    dtype = self.dtype
+    h = self.act(_group_norm(in_ch, dtype)(x))
+    h = _conv(h, out_ch, 3, dtype=dtype)
     if temb is not None:
-      h = h + _time_bias(temb, self.act, out_ch)
-    h = self.act(nn.GroupNorm(num_groups=_num_groups(out_ch))(h))
+      h = h + _time_bias(temb, self.act, out_ch, dtype)
+    h = self.act(_group_norm(out_ch, dtype)(h))
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
-    h = _conv(h, out_ch, 3, init_scale=self.init_scale)
+    h = _conv(h, out_ch, 3, init_scale=self.init_scale, dtype=dtype)
     if in_ch != out_ch:
-      x = _conv(x, out_ch, 3) if self.conv_shortcut else NIN(out_ch)(x)
+      x = _conv(x, out_ch, 3, dtype=dtype) if self.conv_shortcut else NIN(out_ch)(x)
     return (x + h) / _SQRT2 if self.skip_rescale else x + h
 
 
@@ -297,26 +313,28 @@ class ResnetBlockBigGANpp(nn.Module):
   fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
   skip_rescale: bool = True
   init_scale: float = 0.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, temb=None, train: bool = False):
     in_ch = x.shape[-1]
     out_ch = self.out_ch or in_ch
-    h = self.act(nn.GroupNorm(num_groups=_num_groups(in_ch))(x))
+    dtype = self.dtype
+    h = self.act(_group_norm(in_ch, dtype)(x))
     if self.up or self.down:
       if self.up:
         resample = (lambda a: upsample_2d(a, self.fir_kernel)) if self.fir else naive_upsample_2d
       else:
         resample = (lambda a: downsample_2d(a, self.fir_kernel)) if self.fir else naive_downsample_2d
       h, x = resample(h), resample(x)
-    h = _conv(h, out_ch, 3)
+    h = _conv(h, out_ch, 3, dtype=dtype)
     if temb is not None:
-      h = h + _time_bias(temb, self.act, out_ch)
-    h = self.act(nn.GroupNorm(num_groups=_num_groups(out_ch))(h))
+      h = h + _time_bias(temb, self.act, out_ch, dtype)
+    h = self.act(_group_norm(out_ch, dtype)(h))
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
-    h = _conv(h, out_ch, 3, init_scale=self.init_scale)
+    h = _conv(h, out_ch, 3, init_scale=self.init_scale, dtype=dtype)
     if in_ch != out_ch or self.up or self.down:
-      x = _conv(x, out_ch, 1)
+      x = _conv(x, out_ch, 1, dtype=dtype)
     return (x + h) / _SQRT2 if self.skip_rescale else x + h
 
 

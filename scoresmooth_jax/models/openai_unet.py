@@ -14,6 +14,9 @@ Promises:
   * Parameter names follow the PyTorch module tree: the submodule ``input_blocks.5.1.qkv`` of the state dict is
     ``input_blocks_5_1/qkv`` here (``torch_key`` maps one to the other), so a state dict loads name by name.
   * Height and width must be divisible by 2^(len(channel_mult) - 1); a bad size fails naming it.
+  * ``dtype`` (default float32) is the compute dtype; with bfloat16 the parameters stay float32 (cast where
+    used), the timestep features, GroupNorm statistics and attention softmax stay float32, and the output is
+    float32.
 
 Upstream (openai/improved-diffusion @ 1bc7bbb, openai/guided-diffusion @ 22e0df8, MIT) was read to learn the
 architecture; this is an independent NHWC implementation. Differences that do not change the function:
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -37,15 +40,17 @@ _GROUPS = 32
 _EPS = 1e-5
 
 
-def _group_norm(name: str) -> nn.GroupNorm:
+def _group_norm(name: str, dtype: Any = jnp.float32) -> nn.GroupNorm:
   # use_fast_variance=False: E[(x - mean)^2] as PyTorch computes it; E[x^2] - mean^2 loses digits that the
-  # 1e-4 parity with the PyTorch model needs after ~40 normalisations.
-  return nn.GroupNorm(num_groups=_GROUPS, epsilon=_EPS, use_fast_variance=False, name=name)
+  # 1e-4 parity with the PyTorch model needs after ~40 normalisations. The statistics are float32 whatever
+  # ``dtype`` (Flax reduces in float32); ``dtype`` is the output's.
+  return nn.GroupNorm(num_groups=_GROUPS, epsilon=_EPS, use_fast_variance=False, dtype=dtype, name=name)
 
 
-def _conv(features: int, name: str, kernel: int = 3, stride: int = 1) -> nn.Conv:
+def _conv(features: int, name: str, kernel: int = 3, stride: int = 1, dtype: Any = jnp.float32) -> nn.Conv:
   pad = kernel // 2  # PyTorch padding=1 for 3x3 (explicit, so stride 2 keeps exactly H / 2 as upstream)
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)), name=name)
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                 dtype=dtype, name=name)
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -78,24 +83,26 @@ class ResBlock(nn.Module):
   use_scale_shift_norm: bool
   up: bool = False
   down: bool = False
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
-    h = nn.silu(_group_norm("in_layers_0")(x))
+    dtype = self.dtype
+    h = nn.silu(_group_norm("in_layers_0", dtype)(x))
     if self.up or self.down:
       resample = _upsample_nearest if self.up else _downsample_pool
       h, x = resample(h), resample(x)
-    h = _conv(self.out_channels, "in_layers_2")(h)
+    h = _conv(self.out_channels, "in_layers_2", dtype=dtype)(h)
     width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
-    emb_out = nn.Dense(width, name="emb_layers_1")(nn.silu(emb))[:, None, None, :]
+    emb_out = nn.Dense(width, dtype=dtype, name="emb_layers_1")(nn.silu(emb))[:, None, None, :]
     if self.use_scale_shift_norm:
       scale, shift = jnp.split(emb_out, 2, axis=-1)
-      h = _group_norm("out_layers_0")(h) * (1.0 + scale) + shift
+      h = _group_norm("out_layers_0", dtype)(h) * (1.0 + scale) + shift
     else:
-      h = _group_norm("out_layers_0")(h + emb_out)
-    h = _conv(self.out_channels, "out_layers_3")(nn.silu(h))
+      h = _group_norm("out_layers_0", dtype)(h + emb_out)
+    h = _conv(self.out_channels, "out_layers_3", dtype=dtype)(nn.silu(h))
     if x.shape[-1] != self.out_channels:
-      x = _conv(self.out_channels, "skip_connection", kernel=1)(x)
+      x = _conv(self.out_channels, "skip_connection", kernel=1, dtype=dtype)(x)
     return x + h
 
 
@@ -109,6 +116,7 @@ class AttentionBlock(nn.Module):
 
   num_heads: int
   legacy_order: bool = True
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -117,7 +125,7 @@ class AttentionBlock(nn.Module):
       raise ValueError(f"attention over {c} channels cannot be split into num_heads={self.num_heads} heads.")
     ch = c // self.num_heads
     tokens = x.reshape(b, height * width, c)
-    qkv = nn.Dense(3 * c, name="qkv")(_group_norm("norm")(tokens))
+    qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(_group_norm("norm", self.dtype)(tokens))
     if self.legacy_order:
       qkv = qkv.reshape(b, height * width, self.num_heads, 3, ch)
       q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
@@ -128,7 +136,7 @@ class AttentionBlock(nn.Module):
     weights = jnp.einsum("bthc,bshc->bhts", q * scale, k * scale)
     weights = jax.nn.softmax(weights.astype(jnp.float32), axis=-1).astype(weights.dtype)
     out = jnp.einsum("bhts,bshc->bthc", weights, v).reshape(b, height * width, c)
-    out = nn.Dense(c, name="proj_out")(out)
+    out = nn.Dense(c, dtype=self.dtype, name="proj_out")(out)
     return (tokens + out).reshape(b, height, width, c)
 
 
@@ -137,14 +145,15 @@ class Resample(nn.Module):
 
   up: bool
   use_conv: bool
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     channels = x.shape[-1]
     if self.up:
       x = _upsample_nearest(x)
-      return _conv(channels, "conv")(x) if self.use_conv else x
-    return _conv(channels, "op", stride=2)(x) if self.use_conv else _downsample_pool(x)
+      return _conv(channels, "conv", dtype=self.dtype)(x) if self.use_conv else x
+    return _conv(channels, "op", stride=2, dtype=self.dtype)(x) if self.use_conv else _downsample_pool(x)
 
 
 class OpenAIUNet(nn.Module):
@@ -163,6 +172,9 @@ class OpenAIUNet(nn.Module):
     resblock_updown: resample with residual blocks rather than Resample.
     conv_resample: Resample with convolutions rather than pooling / bare nearest upsampling.
     use_new_attention_order: the q/k/v-first channel order of ``QKVAttention``.
+    dtype: compute dtype (float32, or bfloat16 for the tensor cores of a GPU / TPU). Parameters stay float32 and
+      are cast where used; the timestep features and GroupNorm statistics are computed in float32, and the output
+      is returned in float32.
   """
 
   model_channels: int
@@ -177,6 +189,7 @@ class OpenAIUNet(nn.Module):
   resblock_updown: bool = False
   conv_resample: bool = True
   use_new_attention_order: bool = False
+  dtype: Any = jnp.float32
 
   def _attention(self, channels: int, name: str, upsample: bool = False) -> AttentionBlock:
     if self.num_head_channels != -1:
@@ -188,10 +201,10 @@ class OpenAIUNet(nn.Module):
       heads = self.num_heads_upsample
     else:
       heads = self.num_heads
-    return AttentionBlock(heads, legacy_order=not self.use_new_attention_order, name=name)
+    return AttentionBlock(heads, legacy_order=not self.use_new_attention_order, dtype=self.dtype, name=name)
 
   def _res(self, out_channels: int, name: str, **kwargs) -> ResBlock:
-    return ResBlock(out_channels, self.use_scale_shift_norm, name=name, **kwargs)
+    return ResBlock(out_channels, self.use_scale_shift_norm, dtype=self.dtype, name=name, **kwargs)
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
@@ -202,11 +215,12 @@ class OpenAIUNet(nn.Module):
                        f"width are divisible by {factor}; got shape {x.shape}.")
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
     mc = self.model_channels
-    emb = nn.Dense(4 * mc, name="time_embed_0")(timestep_embedding(t, mc))
-    emb = nn.Dense(4 * mc, name="time_embed_2")(nn.silu(emb))
+    dtype = self.dtype
+    emb = nn.Dense(4 * mc, dtype=dtype, name="time_embed_0")(timestep_embedding(t, mc))
+    emb = nn.Dense(4 * mc, dtype=dtype, name="time_embed_2")(nn.silu(emb))
 
     ch = int(self.channel_mult[0] * mc)
-    h = _conv(ch, "input_blocks_0_0")(x)
+    h = _conv(ch, "input_blocks_0_0", dtype=dtype)(x)
     skips = [h]
     block, ds = 1, 1
     for level, mult in enumerate(self.channel_mult):
@@ -220,7 +234,7 @@ class OpenAIUNet(nn.Module):
       if level != levels - 1:
         name = f"input_blocks_{block}_0"
         h = (self._res(ch, name, down=True)(h, emb) if self.resblock_updown
-             else Resample(up=False, use_conv=self.conv_resample, name=name)(h))
+             else Resample(up=False, use_conv=self.conv_resample, dtype=dtype, name=name)(h))
         skips.append(h)
         block += 1
         ds *= 2
@@ -241,12 +255,12 @@ class OpenAIUNet(nn.Module):
         if level and i == self.num_res_blocks:
           name = f"output_blocks_{block}_{layer}"
           h = (self._res(ch, name, up=True)(h, emb) if self.resblock_updown
-               else Resample(up=True, use_conv=self.conv_resample, name=name)(h))
+               else Resample(up=True, use_conv=self.conv_resample, dtype=dtype, name=name)(h))
           ds //= 2
         block += 1
 
-    h = nn.silu(_group_norm("out_0")(h))
-    return _conv(self.out_channels, "out_2")(h)
+    h = nn.silu(_group_norm("out_0", dtype)(h))
+    return _conv(self.out_channels, "out_2", dtype=dtype)(h).astype(jnp.float32)
 
 
 _INDEX = re.compile(r"_(\d+)")

@@ -125,7 +125,9 @@ class AttnBlock(nn.Module):
     b, hgt, wid, c = x.shape
     h = nn.GroupNorm(_num_groups(c, self.max_groups), dtype=self.dtype)(x).reshape(b, hgt * wid, c)
     q, k, v = jnp.split(nn.Dense(3 * c, dtype=self.dtype)(h), 3, axis=-1)
-    weights = jax.nn.softmax(jnp.einsum("bqc,bkc->bqk", q, k) / math.sqrt(c), axis=-1)
+    logits = jnp.einsum("bqc,bkc->bqk", q, k) / math.sqrt(c)
+    # The softmax in float32 whatever the compute dtype: its exponentials and sum need the range.
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(h.dtype)
     h = jnp.einsum("bqk,bkc->bqc", weights, v)
     h = nn.Dense(c, kernel_init=nn.initializers.zeros, dtype=self.dtype)(h)
     return x + h.reshape(b, hgt, wid, c)
