@@ -10,6 +10,11 @@ constants and as arguments, one fresh process per row (the 256x256 ADM takes min
 ViT-B/16 at 224 (Carlini et al.'s CIFAR-10 classifier, random weights): its forward pass, and one-step iDDPM + resize +
 ViT-B/16 inside sample_counts (bench.vit_rows; --batch_size sets the per-device batch, default 4):
   python scripts/benchmark.py --vit --out runs/benchmark_vit.json
+The GPU preset (bench.gpu_preset: iDDPM / ADM one-step + ResNet rows in float32 and bfloat16 inside sample_counts at
+the job's batch, beside the PyTorch peer run as Carlini et al. run it; one process per row, results written before
+--deadline_s; --tiny runs every row with tiny networks on a CPU):
+  timeout 480 python scripts/benchmark.py --gpu_preset --peers_dir PEERS --out runs/benchmark_gpu.json
+where PEERS holds openai/improved-diffusion's improved_diffusion package.
 
 All logic lives in ``scoresmooth_jax.bench`` (see its docstring for what each row measures and how).
 XLA flags are read when JAX starts its backend, so --xla_flags is applied before JAX is imported.
@@ -32,6 +37,13 @@ _OPENAI = flags.DEFINE_bool("openai_presets", False, "Only the OpenAI diffusion 
                             "instead of the default benchmark.")
 _OPENAI_ONLY = flags.DEFINE_list("openai_preset_names", None, "Which presets (default: both).")
 _VIT = flags.DEFINE_bool("vit", False, "Only the ViT-B/16 rows (bench.vit_rows), instead of the default benchmark.")
+_GPU_PRESET = flags.DEFINE_bool("gpu_preset", False, "Only the GPU preset's rows (bench.gpu_preset); with --tiny at "
+                                 "toy size. --batch_size fixes the JAX rows' batch (default: the job's choice).")
+_PRESET_ROWS = flags.DEFINE_list("preset_rows", None, "Which GPU preset rows (default: all, bench.preset_rows.ROWS).")
+_DEADLINE = flags.DEFINE_float("deadline_s", None, "The GPU preset's time limit in seconds (default 450; toy 600).")
+_PEERS = flags.DEFINE_string("peers_dir", None, "Folder holding improved-diffusion's improved_diffusion package, for "
+                             "the GPU preset's PyTorch peer rows (without it they are skipped).")
+_PEAK = flags.DEFINE_float("peak_tflops", None, "Dense bfloat16 peak of a device the preset does not know, for MFU.")
 _NCSNPP = flags.DEFINE_bool("ncsnpp", True, "Run the NCSN++ one-step row (about 20 GFLOP per image).")
 _MEMORY = flags.DEFINE_bool("memory", True, "Measure peak memory in a fresh subprocess per configuration.")
 _FIXTURES = flags.DEFINE_string("fixtures_dir", None, "Directory with the trained ResNet-20 fixture and CIFAR-10 "
@@ -54,6 +66,16 @@ def main(argv):
     xla_cpu.apply_recommended_cpu_flags()
   elif _XLA_FLAGS.value != "none":
     os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), _XLA_FLAGS.value) if f)
+  if _GPU_PRESET.value:
+    from scoresmooth_jax.bench import gpu_preset
+
+    results = gpu_preset.run_from_flags(toy=_TINY.value, out=_OUT.value, rows=_PRESET_ROWS.value,
+                                        deadline_s=_DEADLINE.value, peers_dir=_PEERS.value, batch_size=_BATCH.value,
+                                        repeats=_REPEATS.value, peak_tflops=_PEAK.value,
+                                        log=lambda line: print(f"# {line}", flush=True))
+    print(gpu_preset.markdown(results))
+    print(f"\nJSON: {os.path.abspath(_OUT.value)}")
+    return
   overrides = {k: v for k, v in dict(batch_size=_BATCH.value, repeats=_REPEATS.value).items() if v is not None}
   overrides.update(torch=_TORCH.value, memory=_MEMORY.value, imagenet=_IMAGENET.value, fixtures_dir=_FIXTURES.value)
   if _SWEEP.value is not None:

@@ -8,8 +8,8 @@ Promises:
   * ``estimate_step_memory(base_classifier, image_shape, batch_size)`` compiles (never runs) one sampling step
     at that per-device batch size: draw float32 Gaussian noise, add it to an image, run ``base_classifier``,
     take the argmax, which is the body of ``sample_counts``' loop. It returns XLA's argument + output + temporary
-    bytes plus the bytes of the arrays ``base_classifier`` closes over (its weights, which XLA embeds as
-    constants and does not count).
+    bytes; the arrays ``base_classifier`` closes over (its weights) are lifted out as arguments, as
+    ``sample_counts`` passes them on GPU / TPU, so they are counted once and never copied into the program.
   * ``auto_batch_size(base_classifier, image_shape, memory_budget_bytes)`` compiles that step at two batch sizes,
     fits memory = fixed + per_sample * batch (the live activations of a feed-forward network grow linearly with
     the batch), takes the largest power of two whose prediction fits the budget, capped at ``max_batch_size``,
@@ -39,20 +39,21 @@ DEFAULT_BUDGET_FRACTION = 0.5
 
 
 def _step(base_classifier: Callable, image_shape: tuple[int, ...], batch_size: int):
-  """One sampling step as a function of the key, shaped like the body of ``sample_counts``' loop."""
+  """One sampling step shaped like the body of ``sample_counts``' loop, as ``(step(weights, key), weights)``.
+
+  The arrays ``base_classifier`` closes over are lifted out (``jax.make_jaxpr``: its constants are exactly those
+  arrays) and passed as an argument: compiled as constants, a 550M-parameter diffusion model's 2 GiB of weights
+  would be copied into every probe program, which then takes minutes and gigabytes to compile.
+  """
   image = jnp.full(image_shape, 0.5, jnp.float32)
+  closed = jax.make_jaxpr(base_classifier)(jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32))
 
-  def step(key):
+  def step(weights, key):
     eps = jax.random.normal(key, (batch_size, *image_shape), jnp.float32)
-    return jnp.argmax(base_classifier(image[None] + eps), axis=-1)
+    logits = jax.core.eval_jaxpr(closed.jaxpr, weights, image[None] + eps)[0]
+    return jnp.argmax(logits, axis=-1)
 
-  return step
-
-
-def _closed_over_bytes(step) -> int:
-  """Bytes of the arrays the step closes over (the classifier's weights): XLA embeds them as constants."""
-  consts = jax.make_jaxpr(step)(jax.random.key(0)).consts
-  return int(sum(getattr(c, "nbytes", 0) for c in consts))
+  return step, [jax.ShapeDtypeStruct(jnp.shape(c), jnp.result_type(c)) for c in closed.consts]
 
 
 def estimate_step_memory(base_classifier: Callable, image_shape: Sequence[int], batch_size: int) -> int:
@@ -60,14 +61,14 @@ def estimate_step_memory(base_classifier: Callable, image_shape: Sequence[int], 
   if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
     raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
   image_shape = tuple(int(d) for d in image_shape)
-  step = _step(base_classifier, image_shape, int(batch_size))
-  compiled = jax.jit(step).lower(jax.random.key(0)).compile()
+  step, weights = _step(base_classifier, image_shape, int(batch_size))
+  compiled = jax.jit(step).lower(weights, jax.random.key(0)).compile()
   stats = compiled.memory_analysis()
   if stats is None:
     raise RuntimeError(f"the {jax.default_backend()} backend gives no memory analysis of compiled programs; pass "
                        "batch_size to sample_counts by hand.")
   live = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-  return int(live - stats.alias_size_in_bytes + _closed_over_bytes(step))
+  return int(live - stats.alias_size_in_bytes)
 
 
 def default_memory_budget(fraction: float = DEFAULT_BUDGET_FRACTION, device: jax.Device | None = None) -> int:
