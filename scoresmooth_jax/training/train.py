@@ -16,6 +16,8 @@ Promises:
     from a classifier export, of the same architecture, with a fresh optimizer and schedule (``warm_start.py``).
   * ``<workdir>/export``: the inference model, written at the end: ``export.load_score_fn`` reads score
     models, ``classifier.load_classifier`` classifiers.
+  * Score models train in mixed precision with ``model.kwargs.dtype = "bfloat16"`` (``precision.py``); the
+    export records it as ``train_compute_dtype``.
 
 Config sections (see configs/score_digits.py and configs/classifier_digits.py for documented examples):
 ``task, seed, distributed, data, model, optim, train, eval`` and, per task, ``sigma`` (score) or
@@ -40,7 +42,7 @@ from scoresmooth_jax import models
 from scoresmooth_jax.datasets import data
 from scoresmooth_jax.modelio import checkpoint, classifier
 from scoresmooth_jax.runtime import sharding
-from scoresmooth_jax.training import evaluate, losses, train_state, warm_start
+from scoresmooth_jax.training import evaluate, losses, precision, train_state, warm_start
 from scoresmooth_jax.modelio.export import ScoreFunction, export_score_model, load_score_fn  # noqa: F401 (re-export)
 
 TASKS = ("score", "classifier")
@@ -87,6 +89,7 @@ class Task:
   """What differs between the two tasks, built once from the config before training."""
 
   model_name: str
+  model_kwargs: dict  # the constructor's keywords as exported (what train.init_from must match)
   init_variables: Any  # key -> Flax variables
   loss_fn: Any  # train_state.LossFn
   eval_batch: Any  # evaluate.*_eval_fn result
@@ -125,7 +128,7 @@ def _model(config):
 
 
 def _score_task(config, image_shape) -> Task:
-  name, kwargs, module = _model(config)
+  name, kwargs, compute_dtype, train_module, module = precision.score_modules(config)
   sigmas = losses.SigmaDistribution(config.sigma.sigma_min, config.sigma.sigma_max, config.sigma.num_scales,
                                     config.sigma.focus_min, config.sigma.focus_prob)
   eval_sigmas = tuple(float(s) for s in config.eval.sigmas)
@@ -138,7 +141,7 @@ def _score_task(config, image_shape) -> Task:
   def loss_fn(params, model_state, images, labels, key):
     del labels
     key, dropout_key = jax.random.split(key)
-    apply = lambda p, x, s: module.apply({"params": p}, x, s, train=True, rngs={"dropout": dropout_key})
+    apply = lambda p, x, s: train_module.apply({"params": p}, x, s, train=True, rngs={"dropout": dropout_key})
     loss, _ = losses.get_dsm_loss_fn(apply, sigmas)(params, images, key)
     return loss, (model_state, {})
 
@@ -147,17 +150,18 @@ def _score_task(config, image_shape) -> Task:
 
   def export(path, state, metrics):
     export_score_model(path, name, kwargs, state.ema_params, state.params, image_shape, sigmas.sigma_min,
-                       sigmas.sigma_max, extra_metadata={"train_steps": int(state.step), "eval": metrics})
+                       sigmas.sigma_max, extra_metadata={"train_steps": int(state.step), "eval": metrics,
+                                                         "train_compute_dtype": compute_dtype})
 
   return Task(
-      model_name=name,
+      model_name=name, model_kwargs=kwargs,
       init_variables=lambda key: module.init(key, jnp.zeros((1, *image_shape)), jnp.ones((1,))),
       loss_fn=loss_fn,
       eval_batch=evaluate.get_score_eval_fn(eval_apply, eval_sigmas, sigmas.sigma_min, sigmas.sigma_max, buckets),
       finalize=lambda sums: evaluate.finalize_score(sums, pixels, eval_sigmas, sigmas.sigma_min,
                                                     sigmas.sigma_max, buckets),
       eval_variables=lambda state: state.ema_params, export=export,
-      flops_fn=lambda variables, x: module.apply(variables, x, jnp.ones((1,))))
+      flops_fn=lambda variables, x: train_module.apply(variables, x, jnp.ones((1,))))
 
 
 def _classifier_task(config, image_shape) -> Task:
@@ -188,7 +192,7 @@ def _classifier_task(config, image_shape) -> Task:
         extra_metadata={"noise_sigma": float(config.noise_sigma), "train_steps": int(state.step), "eval": metrics})
 
   return Task(
-      model_name=name,
+      model_name=name, model_kwargs=kwargs,
       init_variables=lambda key: module.init(key, jnp.zeros((1, *image_shape)), train=False),
       loss_fn=loss_fn, eval_batch=evaluate.get_classifier_eval_fn(wrapper.apply, noise_sigmas),
       finalize=evaluate.finalize_classifier,
@@ -391,7 +395,7 @@ def train_and_evaluate(config, workdir) -> dict:
     state = train_state.jit_init(make_state, mesh, init_key)(init_key)
     if config.train.get("init_from"):  # a fresh run only: a resumed one continues from its checkpoint
       normalization = None if config.task == "score" else (config.normalization.mean, config.normalization.std)
-      state = warm_start.started_from(config.train.init_from, task.model_name, config.model.kwargs.to_dict(),
+      state = warm_start.started_from(config.train.init_from, task.model_name, task.model_kwargs,
                                       data_config.image_shape, state, replicated, normalization)
       if jax.process_index() == 0:
         print(f"starting from the parameters of {config.train.init_from}", flush=True)

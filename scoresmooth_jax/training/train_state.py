@@ -2,7 +2,9 @@
 
 Promises:
   * ``TrainState`` is a pytree (step, params, EMA params, optimizer state, mutable model collections such as
-    BatchNorm statistics) that Orbax saves and restores as one item.
+    BatchNorm statistics) that Orbax saves and restores as one item. Its parameters, EMA and optimizer state are
+    float32 whatever the model computes in (mixed precision: a bfloat16 network casts the float32 master
+    weights where it uses them, and its gradients arrive in float32).
   * ``make_optimizer`` is Adam (AdamW when weight decay > 0) after global-norm gradient clipping, with a
     linear warmup into a constant or cosine-decayed learning rate.
   * ``get_train_step_fn`` returns a pure function that applies ``k`` updates in one call (``lax.scan`` over a
@@ -117,7 +119,10 @@ def make_optimizer(config: OptimConfig, num_steps: int) -> optax.GradientTransfo
 def create_state(variables: Any, optimizer: optax.GradientTransformation) -> TrainState:
   """The state at step 0 from freshly initialised Flax variables."""
   variables = dict(variables)
-  params = variables.pop("params")
+  # float32 master weights even if a module initialised its parameters in a lower precision: Adam's moments and
+  # the EMA's small updates (1 - decay = 5e-4 of a difference) vanish in bfloat16's 8-bit mantissa.
+  params = jax.tree.map(lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                        variables.pop("params"))
   # A copy, not the same buffers: the state is donated, and one buffer cannot be donated twice.
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params),
                     opt_state=optimizer.init(params), model_state=variables)
