@@ -213,9 +213,12 @@ def test_tiny_variants_of_the_dataset_configs_run_under_mock_data(tmp_path, conf
 def test_score_sde_specs_go_to_the_pretrained_loader(monkeypatch):
   from scoresmooth_jax.modelio import pretrained
   seen = []
-  monkeypatch.setattr(pretrained, "load_score_sde_from_spec", lambda spec: (seen.append(spec) or "fn", 0.01, 50.0))
+  monkeypatch.setattr(pretrained, "load_score_sde_from_spec",
+                      lambda spec, compute_dtype: (seen.append((spec, compute_dtype)) or "fn", 0.01, 50.0))
   assert certify_job.load_score("score_sde:cifar10_ncsnpp_continuous:/ckpt/checkpoint_26") == "fn"
-  assert seen == ["score_sde:cifar10_ncsnpp_continuous:/ckpt/checkpoint_26"]
+  assert certify_job.load_score("score_sde:cifar10_ncsnpp_continuous:/ckpt/checkpoint_26", "bfloat16") == "fn"
+  assert seen == [("score_sde:cifar10_ncsnpp_continuous:/ckpt/checkpoint_26", "float32"),
+                  ("score_sde:cifar10_ncsnpp_continuous:/ckpt/checkpoint_26", "bfloat16")]
 
 
 def test_batchnorm_folding_is_how_not_what(tmp_path, digits_models):
@@ -285,3 +288,24 @@ def test_bad_sequential_settings_fail_before_sampling(tmp_path, digits_models, n
   with pytest.raises(ValueError, match=match):
     certify_job.run_certification(tiny_config(*digits_models, certify__sequential__enabled=True, **overrides),
                                   tmp_path)
+
+
+@pytest.mark.slow
+def test_a_bfloat16_denoiser_writes_the_records_of_a_float32_one(tmp_path, digits_models):
+  config = lambda dtype: tiny_config(*digits_models, denoiser__kind="one_step", denoiser__compute_dtype=dtype,
+                                     dataset__max=3)
+  f32 = certify_job.run_certification(config("float32"), tmp_path / "f32")
+  bf16 = certify_job.run_certification(config("bfloat16"), tmp_path / "bf16")
+  assert [sorted(r) for r in bf16] == [sorted(r) for r in f32]
+  for r in bf16:
+    assert all(isinstance(c, int) for c in r["n0_counts"]) and sum(r["n0_counts"]) == r["n0"] == 10
+    assert isinstance(r["count"], int) and 0 <= r["count"] <= r["n"] == 40
+  # float32 is the default, so its settings omit the key and workdirs made before it resume; bfloat16 is recorded.
+  assert "compute_dtype" not in json.loads((tmp_path / "f32" / records.JOB_FILE).read_text())["denoiser"]
+  assert json.loads((tmp_path / "bf16" / records.JOB_FILE).read_text())["denoiser"]["compute_dtype"] == "bfloat16"
+  with pytest.raises(records.WorkdirMismatchError, match="denoiser"):
+    certify_job.run_certification(config("bfloat16"), tmp_path / "f32")
+  with pytest.raises(ValueError, match=r"denoiser.compute_dtype='float16': choose one of"):
+    certify_job.build_job(config("float16"))
+  score = certify_job.load_score(digits_models[1], "bfloat16")  # the loaders take the choice too
+  assert score.module.dtype == jnp.bfloat16 and all(p.dtype == jnp.float32 for p in jax.tree.leaves(score.params))

@@ -34,8 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from scoresmooth_jax import denoise, noise as noise_lib, sequential, smoothing
+from scoresmooth_jax import denoise, noise as noise_lib, resize, sequential, smoothing
+from scoresmooth_jax.resize import fit_images  # the classifier.input step: a central crop or a resize
 from scoresmooth_jax.certification import records
+from scoresmooth_jax.modelio import compute_dtype as compute_dtype_lib
 from scoresmooth_jax.runtime import batching, sharding
 
 DENOISERS = ("none", "one_step", "annealed")
@@ -67,9 +69,12 @@ def base_config():
       # float rounding, like a change of batch size). Other networks run as they are.
       fold_batchnorm=True,
       # How denoised images reach a classifier trained at another size (e.g. a 256 x 256 diffusion model before a
-      # 224 x 224 ResNet-50): none (sizes must match) | center_crop | resize (bicubic, antialiased). Deterministic
-      # and after the denoiser, so part of the base classifier: the certificate is for the dataset-size input.
+      # 224 x 224 ResNet-50): none (sizes must match) | center_crop | resize (PyTorch's interpolate, resize.METHODS,
+      # clipped to [0, 1] or not). After the denoiser, so part of the base classifier (the certificate is for the
+      # dataset-size input).
       input="none",
+      resize_method="bicubic_antialias",
+      resize_clip=True,
   ))
   config.denoiser = ml_collections.ConfigDict(dict(
       kind="annealed",             # none | one_step | annealed
@@ -78,6 +83,9 @@ def base_config():
       num_levels=denoise.DEFAULT_NUM_LEVELS,
       steps_per_level=denoise.DEFAULT_STEPS_PER_LEVEL,
       relative_step=denoise.DEFAULT_RELATIVE_STEP,  # a_i = relative_step * sigma_i^2
+      # float32 | bfloat16: the score network's compute dtype (parameters stay float32; the noise, the denoiser's
+      # arithmetic and the statistics do not change). bfloat16 runs on GPU / TPU tensor cores.
+      compute_dtype="float32",
   ))
   config.noise = ml_collections.ConfigDict(dict(type="gaussian", sigma=0.25))
   # batch_size is per device per loop step; 0 picks the largest power of two whose sampling step XLA estimates to
@@ -112,6 +120,7 @@ class DenoiserSpec:
   num_levels: int            # annealed: L
   steps_per_level: int       # annealed: T
   relative_step: float       # annealed: a_i = relative_step * sigma_i^2 (denoise module docstring)
+  compute_dtype: str = "float32"  # the score network's: float32 | bfloat16 (compute_dtype.COMPUTE_DTYPES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +158,8 @@ class JobSpec:
   batch_size: int
   seed: int
   sequential: SequentialSpec | None = None  # None: every image gets n draws
+  resize_method: str = "bicubic_antialias"  # classifier_input=resize: a resize.METHODS entry
+  resize_clip: bool = True                  # classifier_input=resize: clip the resized image to [0, 1]
 
   @classmethod
   def from_config(cls, config) -> "JobSpec":
@@ -162,10 +173,13 @@ class JobSpec:
         fold_batchnorm=bool(config.classifier.fold_batchnorm),
         classifier_input=str(config.classifier.get("input", "none")),
         denoiser=DenoiserSpec(str(dn.kind), dn.score or None, float(dn.sigma_min), int(dn.num_levels),
-                              int(dn.steps_per_level), float(dn.relative_step)),
+                              int(dn.steps_per_level), float(dn.relative_step),
+                              str(dn.get("compute_dtype", "float32"))),
         noise=str(config.noise.type), sigma=float(config.noise.sigma),
         n0=int(c.n0), n=int(c.n), alpha=float(c.alpha), batch_size=int(c.batch_size), seed=int(c.seed),
-        sequential=SequentialSpec.from_config(c.sequential))
+        sequential=SequentialSpec.from_config(c.sequential),
+        resize_method=str(config.classifier.get("resize_method", "bicubic_antialias")),
+        resize_clip=bool(config.classifier.get("resize_clip", True)))
 
   def settings(self) -> dict:
     """What determines the records; a resumed job must match it.
@@ -178,10 +192,16 @@ class JobSpec:
       out.pop(key)
     if out["classifier_input"] == "none":  # absent means none, so workdirs made before the key still resume
       out.pop("classifier_input")
+    # Absent means the resize that came before the keys (bicubic antialiased, clipped), so those workdirs resume.
+    for key, default in (("resize_method", "bicubic_antialias"), ("resize_clip", True)):
+      if out[key] == default or self.classifier_input != "resize":
+        out.pop(key)
     for key in ("skip", "max"):  # more or fewer images is a legitimate way to extend a run
       out["dataset"].pop(key)
     if out["sequential"] is None:  # so workdirs of fixed-n runs made before the option existed still resume
       out.pop("sequential")
+    if out["denoiser"]["compute_dtype"] == "float32":  # absent means float32, so older workdirs still resume
+      out["denoiser"].pop("compute_dtype")
     return out
 
 
@@ -191,8 +211,13 @@ def validate(spec: JobSpec) -> None:
     raise ValueError(f"mode={spec.mode!r}: choose one of {MODES}.")
   if spec.classifier_input not in CLASSIFIER_INPUTS:
     raise ValueError(f"classifier.input={spec.classifier_input!r}: choose one of {CLASSIFIER_INPUTS}.")
+  if spec.resize_method not in resize.METHODS:
+    raise ValueError(f"classifier.resize_method={spec.resize_method!r}: choose one of {resize.METHODS}.")
   if spec.denoiser.kind not in DENOISERS:
     raise ValueError(f"denoiser.kind={spec.denoiser.kind!r}: choose one of {DENOISERS}.")
+  if spec.denoiser.compute_dtype not in compute_dtype_lib.COMPUTE_DTYPES:
+    raise ValueError(f"denoiser.compute_dtype={spec.denoiser.compute_dtype!r}: choose one of "
+                     f"{sorted(compute_dtype_lib.COMPUTE_DTYPES)}.")
   if spec.mode == "certify" and spec.n0 < 1:
     raise ValueError(f"certify.n0={spec.n0} must be >= 1 (Cohen et al. use 100).")
   if spec.n < 1:
@@ -235,30 +260,17 @@ def validate(spec: JobSpec) -> None:
       raise ValueError(f"denoiser.relative_step={spec.denoiser.relative_step} must be > 0 (default 0.5).")
 
 
-def load_score(spec: str):
-  """A score function from an export directory, ``score_sde:<preset>:<checkpoint>`` or ``openai:<preset>:<path.pt>``."""
+def load_score(spec: str, compute_dtype: str = "float32"):
+  """A score function from an export directory, ``score_sde:<preset>:<checkpoint>`` or ``openai:<preset>:<path.pt>``,
+  computing its network in ``compute_dtype`` (float32 | bfloat16)."""
   if spec.startswith("score_sde:"):
     from scoresmooth_jax.modelio import pretrained  # only jobs that use published checkpoints need it
-    return pretrained.load_score_sde_from_spec(spec)[0]
+    return pretrained.load_score_sde_from_spec(spec, compute_dtype=compute_dtype)[0]
   if spec.startswith("openai:"):
     from scoresmooth_jax.modelio import openai_diffusion
-    return openai_diffusion.load_openai_from_spec(spec)[0]
+    return openai_diffusion.load_openai_from_spec(spec, compute_dtype=compute_dtype)[0]
   from scoresmooth_jax.modelio import export
-  return export.load_score_fn(spec)
-
-
-
-def fit_images(images: jax.Array, shape: tuple[int, int, int], how: str) -> jax.Array:
-  """Dataset-size images [B, H, W, C] -> the classifier's (H', W', C): the central crop, or a bicubic antialiased
-  resize clipped back to [0, 1] (cubic kernels overshoot)."""
-  if how == "none" or tuple(images.shape[1:]) == tuple(shape):
-    return images
-  h, w = images.shape[1:3]
-  if how == "center_crop":
-    top, left = (h - shape[0]) // 2, (w - shape[1]) // 2
-    return images[:, top:top + shape[0], left:left + shape[1], :]
-  resized = jax.image.resize(images, (images.shape[0], *shape), method="bicubic", antialias=True)
-  return jnp.clip(resized, 0.0, 1.0)
+  return export.load_score_fn(spec, compute_dtype=compute_dtype)
 
 
 def make_base_classifier(classifier: Callable, denoiser: DenoiserSpec, nz: noise_lib.Noise,
@@ -328,10 +340,11 @@ def build_job(config) -> Job:
                        f"{spec.classifier} expects {clf_shape} (classifier.input={spec.classifier_input!r}); use a "
                        "classifier trained at that shape, set dataset.image_size, or set classifier.input to "
                        "'center_crop' (a smaller classifier input) or 'resize'.")
-    fit = functools.partial(fit_images, shape=clf_shape, how=spec.classifier_input)
+    fit = functools.partial(fit_images, shape=clf_shape, how=spec.classifier_input, method=spec.resize_method,
+                            clip=spec.resize_clip)
   score_fn = None
   if spec.denoiser.kind != "none":
-    score_fn = load_score(spec.denoiser.score)
+    score_fn = load_score(spec.denoiser.score, spec.denoiser.compute_dtype)
     if tuple(score_fn.image_shape) != image_shape:
       raise ValueError(f"dataset images have shape {image_shape} but the score model {spec.denoiser.score} "
                        f"was trained on {tuple(score_fn.image_shape)}; use a score model for this dataset.")

@@ -8,8 +8,10 @@ Models shipped inside the package are loaded by short name: ``load_score_fn("cif
 ``scoresmooth_jax/shipped/<name>.npz`` (the EMA parameters, keys joined by "/") beside ``<name>.json`` (the
 export's metadata plus its model card) and ``<name>.md`` (the card for people); ``ship_score_model`` writes
 them from a training run's export. Nothing is downloaded. Parameters may be stored in float16 (half the bytes,
-so a model twice the size fits the package; the card's PSNR is measured on the stored copy) and are always
-loaded back as float32, so compute is unchanged apart from that rounding.
+so a model twice the size fits the package) or int8 with a scale per output channel (a quarter; ``quantize``);
+the card's PSNR is measured on the stored copy, and they are always loaded back as float32, so compute is
+unchanged apart from that rounding. A shipped model's file also loads by its path (``.../<name>.npz``, with
+``<name>.json`` beside it), e.g. from a training job's output folder before it joins the package.
 
 ``load_score_fn(path)`` returns a ``ScoreFunction``: ``score_fn(x, sigma)`` for NHWC batches in [0, 1] and a
 scalar or per-example sigma, pure and jittable, hashable by identity (so compile caches keyed on it work), and
@@ -30,7 +32,8 @@ import numpy as np
 from flax import traverse_util
 
 from scoresmooth_jax import denoise, models
-from scoresmooth_jax.modelio import checkpoint
+from scoresmooth_jax.modelio import checkpoint, compute_dtype as compute_dtype_lib
+from scoresmooth_jax.modelio import quantize
 
 KIND = "score"
 EMA_PARAMS = "params"
@@ -100,7 +103,13 @@ def shipped_names() -> list[str]:
   return sorted(p.stem for p in shipped_dir().glob("*.npz"))
 
 
-STORE_DTYPES = ("float32", "float16")
+STORE_DTYPES = quantize.STORE_DTYPES
+# Names the package will ship but does not hold yet, and what to do meanwhile (said when one is asked for).
+NOT_YET_SHIPPED = {
+    "cifar10": "'cifar10' (the CIFAR-10 score model trained on a GPU) is not shipped in this version of the "
+               "package yet: use 'cifar10-cpu', or train it with scripts/gpu_cifar10.sh and load the "
+               "<out>/cifar10.npz it writes by that path.",
+}
 
 
 def ship_score_model(export_path, name: str, model_card: dict, out_dir=None,
@@ -112,7 +121,8 @@ def ship_score_model(export_path, name: str, model_card: dict, out_dir=None,
     name: the short name users load it by (e.g. "cifar10-cpu").
     model_card: JSON-serialisable facts for the card (data, command, steps, wall time, PSNR table, ...).
     out_dir: where to write (default: the package's ``shipped`` folder).
-    store_dtype: "float32", or "float16" to halve the file (loading casts back to float32).
+    store_dtype: "float32", "float16" to halve the file, or "int8" (per-channel scales, ``quantize``) to quarter
+      it; loading gives float32 back.
   """
   if store_dtype not in STORE_DTYPES:
     raise ValueError(f"store_dtype={store_dtype!r}: use one of {STORE_DTYPES}.")
@@ -121,38 +131,44 @@ def ship_score_model(export_path, name: str, model_card: dict, out_dir=None,
   out_dir.mkdir(parents=True, exist_ok=True)
   npz = out_dir / f"{name}.npz"
   flat = traverse_util.flatten_dict(jax.device_get(variables[EMA_PARAMS]), sep="/")
-  np.savez(npz, **{k: np.asarray(v).astype(store_dtype) for k, v in flat.items()})
+  np.savez(npz, **quantize.encode(flat, store_dtype))
   (out_dir / f"{name}.json").write_text(json.dumps({**metadata, "stored_dtype": store_dtype,
                                                     "model_card": model_card}, indent=1, sort_keys=True))
   return npz
 
 
-def _load_shipped(name: str):
-  path = shipped_dir() / f"{name}.npz"
-  with np.load(path, allow_pickle=False) as arrays:
-    params = traverse_util.unflatten_dict({key: arrays[key].astype(np.float32) for key in arrays.files}, sep="/")
-  metadata = json.loads((shipped_dir() / f"{name}.json").read_text())
+def _load_shipped(npz: pathlib.Path):
+  with np.load(npz, allow_pickle=False) as arrays:
+    params = traverse_util.unflatten_dict(quantize.decode({key: arrays[key] for key in arrays.files}), sep="/")
+  metadata = json.loads(npz.with_suffix(".json").read_text())
   return {EMA_PARAMS: params}, metadata
 
 
-def load_score_fn(path, use_ema: bool = True) -> ScoreFunction:
+def load_score_fn(path, use_ema: bool = True, compute_dtype=None) -> ScoreFunction:
   """Loads a score export, or a shipped model by short name, as a ``ScoreFunction``.
 
   Args:
     path: the export directory (``<workdir>/export`` of a training run), or the short name of a model shipped
-      with the package (``shipped_names()``, e.g. "cifar10-cpu"); an existing directory of that name wins.
+      with the package (``shipped_names()``, e.g. "cifar10-cpu"); an existing directory of that name wins; or the
+      path of a shipped model's ``<name>.npz`` (``<name>.json`` beside it).
     use_ema: the EMA parameters (default, what the paper and score_sde evaluate) or the raw ones (exports
       only: shipped models keep just the EMA parameters).
+    compute_dtype: None or "float32" (default), or "bfloat16": the network's compute dtype; parameters stay
+      float32 and the score is returned in float32 (``compute_dtype.with_compute_dtype``).
 
   Returns:
     A ``ScoreFunction`` with ``sigma_min``, ``sigma_max`` and ``image_shape`` from the export.
   """
   if isinstance(path, str) and path in shipped_names() and not pathlib.Path(path).is_dir():
-    variables, metadata = _load_shipped(path)
+    variables, metadata = _load_shipped(shipped_dir() / f"{path}.npz")
+  elif str(path).endswith(".npz") and pathlib.Path(path).with_suffix(".json").is_file():  # a shipped file's path
+    variables, metadata = _load_shipped(pathlib.Path(path))
   else:
     try:
       variables, metadata = checkpoint.load_model(path, kind=KIND)
     except checkpoint.CheckpointError as err:
+      if isinstance(path, str) and path in NOT_YET_SHIPPED and not pathlib.Path(path).exists():
+        raise checkpoint.CheckpointError(NOT_YET_SHIPPED[path]) from None
       if isinstance(path, str) and "/" not in path and not pathlib.Path(path).exists():
         raise checkpoint.CheckpointError(f"{err} {path!r} is not the name of a shipped model either "
                                          f"(shipped: {shipped_names()}).") from None
@@ -167,6 +183,8 @@ def load_score_fn(path, use_ema: bool = True) -> ScoreFunction:
   # JSON turned the constructor's tuples into lists; modules want hashable, immutable attributes back.
   kwargs = {k: _as_tuples(v) for k, v in metadata["model_kwargs"].items()}
   module = models.get_model(metadata["model"], **kwargs)
+  if compute_dtype is not None:
+    module = compute_dtype_lib.with_module_dtype(module, compute_dtype)
   image_shape = tuple(int(d) for d in metadata["image_shape"])
   params = jax.tree.map(jnp.asarray, variables[which])
   expected = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, *image_shape)), jnp.ones((1,)))
