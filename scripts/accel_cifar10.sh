@@ -10,8 +10,8 @@
 # config's own 30,000 steps.
 #
 # Environment (defaults in brackets):
-#   DATA_TAR        the CIFAR-10 training JPEGs as .tar or .tar.gz [../shared/data/cifar10_train_jpeg.tar]
-#   FIXTURES        folder with cifar10_test_first1017.npz and resnet20-12fca82f.th [../shared/fixtures]
+#   DATA_TAR        the CIFAR-10 training JPEGs as .tar or .tar.gz (train/<class>/*.jpg; required)
+#   FIXTURES        folder with cifar10_test_first1017.npz and resnet20-12fca82f.th (required)
 #   TRAIN_SECONDS   wall time of the training steps, compilation and evaluations included [300]
 #   PROBE_STEPS     steps of the probe run [300]
 #   MIN_STEPS       fewest steps worth training; a slower probe stops the run [1000]
@@ -26,8 +26,8 @@
 set -euo pipefail
 
 OUT_DIR=${1:-workdirs/accel_out}
-DATA_TAR=${DATA_TAR:-../shared/data/cifar10_train_jpeg.tar}
-FIXTURES=${FIXTURES:-../shared/fixtures}
+DATA_TAR=${DATA_TAR:-}
+FIXTURES=${FIXTURES:-}
 TRAIN_SECONDS=${TRAIN_SECONDS:-300}
 PROBE_STEPS=${PROBE_STEPS:-300}
 MIN_STEPS=${MIN_STEPS:-1000}

@@ -1,7 +1,7 @@
 """Real CIFAR-10 results of the shipped score model: PSNR table, Fig. 1-style grid, certification tables.
 
-  .venv/bin/python scripts/cifar10_results.py --workdir workdirs/cifar10_results   # about 3 h on 2 CPU cores
-  python scripts/cifar10_results.py --batch_size 1000    # 184 s on one H200 GPU, most of it compiling
+  python scripts/cifar10_results.py --fixtures_dir /path/to/fixtures --workdir workdirs/cifar10_results
+      # about 3 h on 2 CPU cores; with --batch_size 1000 184 s on one H200 GPU, most of it compiling
 
 On the lossless test images of ``--fixtures_dir`` (the first 1017 of the official CIFAR-10 test split):
   1. denoising PSNR (noisy, one-step, annealed with the library defaults) at each --psnr_sigmas, taken from the
@@ -40,12 +40,12 @@ from scoresmooth_jax.training import evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/cifar10_results", "Where every output goes.")
 _SCORE = flags.DEFINE_string("score", "cifar10-cpu", "Score model: shipped name or export directory.")
-_FIXTURES = flags.DEFINE_string("fixtures_dir", "../shared/fixtures", "Folder with cifar10_test_first1017.npz "
+_FIXTURES = flags.DEFINE_string("fixtures_dir", None, "Folder with cifar10_test_first1017.npz "
                                 "and resnet20-12fca82f.th.")
 _PSNR_SIGMAS = flags.DEFINE_list("psnr_sigmas", ["0.12", "0.25", "0.5", "1.0"], "Noise levels of the PSNR table.")
 _PSNR_IMAGES = flags.DEFINE_integer("psnr_images", 1017, "Test images of the PSNR table.")
 _JPEG_QUALITY = flags.DEFINE_integer("jpeg_quality", 75, "JPEG quality of the training copies (Pillow's default, "
-                                     "as ../shared/data's were saved) for psnr_jpeg; 0 skips it.")
+                                     "as the training copies were saved) for psnr_jpeg; 0 skips it.")
 _SIGMAS = flags.DEFINE_list("sigmas", ["0.12", "0.25", "0.5"], "Noise levels certified without and with one-step.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 100, "First test images certified (no denoiser, one-step).")
 _ANNEALED_SIGMA = flags.DEFINE_float("annealed_sigma", 0.25, "Noise level of the annealed runs.")
@@ -58,6 +58,8 @@ _ALPHA = flags.DEFINE_float("alpha", 0.001, "Failure probability of each certifi
 _BATCH = flags.DEFINE_integer("batch_size", 100, "Draws per device per step.")
 _L2_RADII = flags.DEFINE_list("l2_radii", ["0", "0.25", "0.5", "0.75"], "Columns of the l2 table.")
 _L1_RADII = flags.DEFINE_list("l1_radii", ["0", "0.25", "0.5", "1.0"], "Columns of the l1 table.")
+
+flags.mark_flag_as_required("fixtures_dir")
 
 TEST_IMAGES = "cifar10_test_first1017.npz"
 RESNET20 = "resnet20-12fca82f.th"

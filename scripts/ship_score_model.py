@@ -22,7 +22,6 @@ import numpy as np
 from absl import flags
 from flax import traverse_util
 
-from scoresmooth_jax.bench.environment import xla_cpu_threads
 from scoresmooth_jax.datasets import data
 from scoresmooth_jax.modelio import checkpoint, export, quantize
 from scoresmooth_jax.runtime import cli, xla_cpu
@@ -33,7 +32,7 @@ _NAME = flags.DEFINE_string("name", None, "Short name users load the model by.")
 _COMMAND = flags.DEFINE_string("command", "", "The training command, for the card.")
 _DATA = flags.DEFINE_string("data", "", "What the model was trained on, for the card.")
 _NOTES = flags.DEFINE_string("notes", "", "Anything else a user should know (e.g. the run's history), for the card.")
-_TEST = flags.DEFINE_string("test_npz", "../shared/fixtures/cifar10_test_first1017.npz", "Held-out test images.")
+_TEST = flags.DEFINE_string("test_npz", None, "Held-out test images (.npz with images and labels) for the card's PSNR.")
 _SIGMAS = flags.DEFINE_list("sigmas", ["0.12", "0.25", "0.5", "1.0"], "Noise levels of the PSNR table.")
 _STORE_DTYPE = flags.DEFINE_enum("store_dtype", "float32", [*export.STORE_DTYPES, "auto"],
                                   "Parameter storage; float16 halves the file, int8 quarters it (the PSNR is measured "
@@ -44,7 +43,7 @@ _OUT_DIR = flags.DEFINE_string("out_dir", "", "Where to write <name>.{npz,json,m
 _TRAINED_ON = flags.DEFINE_string("trained_on", "", "The hardware it was trained on, for the card (default: this "
                                   "machine's devices; set it when shipping from another machine).")
 _ANNEALED_IMAGES = flags.DEFINE_integer("annealed_images", 1017, "Test images of the annealed column (costly).")
-flags.mark_flags_as_required(["workdir", "name"])
+flags.mark_flags_as_required(["workdir", "name", "test_npz"])
 
 CHECK = dict(num_images=64, sigma=0.25, seed=0)
 
@@ -68,7 +67,7 @@ def _training_curve(metrics_file: pathlib.Path):
 def _local_hardware() -> str:
   device = jax.devices()[0]
   if device.platform == "cpu":
-    return f"{xla_cpu_threads()} CPU cores"
+    return f"{xla_cpu.xla_cpu_threads()} CPU cores"
   return f"{jax.device_count()} x {device.device_kind}"
 
 

@@ -9,7 +9,7 @@ What this module promises:
     ``AttnBlockpp``, ``NIN``, ``Conv2d``, ...) and are created in score_sde's order. The names are part of
     the checkpoint format, not a style choice.
   * With those parameters it computes the same function (checked to 1e-4 against score_sde's own output in
-    tests/test_ncsnpp.py, ``../shared/fixtures/ncsnpp_small_parity.npz``).
+    tests/test_ncsnpp.py, on the parity fixture ``ncsnpp_small_parity.npz``).
 
 Call: ``module.apply({"params": p}, x, cond)`` with ``x`` NHWC and ``cond`` one value per example ([B]):
   * VE models (``embedding_type="fourier"``, ``scale_by_sigma=True``, ``centered=False``: NCSN++ continuous):

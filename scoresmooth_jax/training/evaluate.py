@@ -185,8 +185,8 @@ def denoising_psnr(score_fn, images: np.ndarray, sigmas, key, *, batch_size: int
 def jpeg_roundtrip(images: np.ndarray, quality: int = 75) -> np.ndarray:
   """``images`` [N, H, W, 3] in [0, 1] after a JPEG encode and decode by Pillow, as float32 in [0, 1].
 
-  Pillow's defaults otherwise (libjpeg, 4:2:0 chroma subsampling): at quality 75 that is how the CIFAR-10
-  training copies in ``../shared/data`` were saved (their luma table starts 8, 6, 5, 8, 12, 20, 26, 31), so
+  Pillow's defaults otherwise (libjpeg, 4:2:0 chroma subsampling): at quality 75 that is how the JPEG copy of the
+  CIFAR-10 training split that ``cifar10-cpu`` learned from was saved (luma table 8, 6, 5, 8, 12, 20, 26, 31, ...), so
   denoising these versions of the lossless test images measures the model in the domain it was trained on.
   Pixels are rounded to uint8 first, which is exact for images that came from uint8.
   """
