@@ -170,9 +170,10 @@ def markdown(results: Mapping[str, Mapping[float, Sequence[Mapping]]], radii: Se
       recs = runs[sigma]
       acc = report.certified_accuracy(recs, radii) if recs else np.full(len(radii), np.nan)
       draws = np.mean([r.get("n0", 0) + r["n"] for r in recs]) if recs else float("nan")
+      budget = np.mean([r.get("n0", 0) + r.get("n_max", r["n"]) for r in recs]) if recs else n0 + n  # as recorded
       hours = sum(float(r.get("time", 0.0)) for r in recs) / 3600
       lines.append(f"| {sigma:g} | {len(recs)} | {largest_certifiable(sigma, n, alpha):.2f} | "
-                   + " | ".join(_cell(a) for a in acc) + f" | {draws:,.0f} of {n0 + n:,} | {hours:.2f} |")
+                   + " | ".join(_cell(a) for a in acc) + f" | {draws:,.0f} of {budget:,.0f} | {hours:.2f} |")
     lines.append("")
   return "\n".join(lines)
 
