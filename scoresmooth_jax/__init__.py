@@ -3,7 +3,7 @@ score-based denoiser (JAX/Flax). See README.md; the public surface is ``noise``,
 and ``sequential``, with the result type and bounds they share in ``certificate``.
 
 Everything else lives in a subpackage by job: ``training``, ``certification``, ``modelio``, ``datasets``,
-``runtime``, ``models``, ``bench``.
+``runtime``, ``models``. The benchmarks live outside the package, in ``benchmarks/`` beside it.
 """
 
 from scoresmooth_jax import denoise, noise, smoothing

@@ -1,4 +1,5 @@
-"""What a bfloat16 score network costs against float32: one-step PSNR and changed predictions (bench.bfloat16_cost).
+"""What a bfloat16 score network costs against float32: one-step PSNR and changed predictions
+(benchmarks.bfloat16_cost).
 
 Run (CPU, about 15 minutes on 2 cores for the shipped model, 1017 images, 4 draws per image at each sigma):
   python scripts/bfloat16_cost.py --score cifar10-cpu --images cifar10_test_first1017.npz \
@@ -9,9 +10,13 @@ or a PyTorch CIFAR ResNet checkpoint (converted with modelio.convert, BatchNorm 
 
 import json
 import os
+import pathlib
+import sys
 
 from absl import app
 from absl import flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo root: benchmarks/ is not installed
 
 from scoresmooth_jax.runtime import cli, xla_cpu
 
@@ -44,7 +49,7 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from scoresmooth_jax.bench import bfloat16_cost  # pylint: disable=import-outside-toplevel
+  from benchmarks import bfloat16_cost  # pylint: disable=import-outside-toplevel
   from scoresmooth_jax.certification import certify_job  # pylint: disable=import-outside-toplevel
 
   with np.load(_IMAGES.value, allow_pickle=False) as data:

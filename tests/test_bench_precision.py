@@ -1,4 +1,4 @@
-"""``bench.precision``: counting a compiled program's convolutions and dots by the element types they multiply in.
+"""``benchmarks.precision``: counting a compiled program's convolutions and dots by the element types they multiply in.
 
 The count is read from HLO text, so it is checked on hand-written text (fused computations, mixed operands, a
 tiled TPU layout, metadata that mentions the opcodes) and on programs XLA really compiled here.
@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from scoresmooth_jax.bench import precision
+from benchmarks import precision
 
 _HLO = """\
 HloModule jit_f, entry_computation_layout={(bf16[2,4,4,8]{3,2,1,0})->f32[2,10]{1,0}}

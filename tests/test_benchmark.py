@@ -14,18 +14,18 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from scoresmooth_jax import bench, noise, smoothing
-from scoresmooth_jax.bench import torch_baseline
+import benchmarks
+from benchmarks import stages, torch_baseline
+from scoresmooth_jax import noise, smoothing
 from scoresmooth_jax.modelio import classifier
 from scoresmooth_jax.runtime import batching
-from scoresmooth_jax.bench import stages
 from scoresmooth_jax.models import resnet
 
 MIB = 2**20
 
 
 def _classifier(module, shape, seed=0):
-  variables = bench.random_variables(module, jnp.zeros((1, *shape)), seed=seed)
+  variables = benchmarks.random_variables(module, jnp.zeros((1, *shape)), seed=seed)
   # Spread BatchNorm statistics well away from (0, 1), so a wrong fold cannot hide behind near-identity BNs.
   rng = np.random.default_rng(seed + 1)
   variables["batch_stats"] = jax.tree.map(
@@ -109,7 +109,7 @@ def torch_and_jax_pair():
   module = resnet.CifarResNet(depth=8, shortcut="B", width=4)
   clf = _classifier(module, shape, seed=3)
   rng = np.random.default_rng(4)
-  clf = bench.calibrate_classifier(clf, rng.uniform(size=(64, *shape)).astype(np.float32))
+  clf = benchmarks.calibrate_classifier(clf, rng.uniform(size=(64, *shape)).astype(np.float32))
   model = torch_baseline.build_cifar_resnet(8, 10, clf.mean, clf.std, width=4)
   torch_baseline.load_flax_variables(model, clf.variables)
   return clf, model
@@ -154,7 +154,7 @@ def test_resnet_parts_compose_to_the_network_and_match_pytorch_part_by_part(torc
     got = theirs[part].numpy()
     got = got.transpose(0, 2, 3, 1) if got.ndim == 4 else got
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), err_msg=part)
-  other = bench.calibrate_classifier(_classifier(resnet.CifarResNet(depth=8, shortcut="B", width=4), (8, 8, 3),
+  other = benchmarks.calibrate_classifier(_classifier(resnet.CifarResNet(depth=8, shortcut="B", width=4), (8, 8, 3),
                                                  seed=9), np.asarray(images)).folded()
   with pytest.raises(AssertionError, match="compose to logits"):
     stages.check_composition(logits, other, images, atol=1e-4)
@@ -163,14 +163,14 @@ def test_resnet_parts_compose_to_the_network_and_match_pytorch_part_by_part(torc
 
 
 def test_benchmark_runs_end_to_end_in_tiny_mode(tmp_path):
-  config = bench.tiny_config()
-  results = bench.run_benchmark(config, log=lambda line: None)
+  config = benchmarks.tiny_config()
+  results = benchmarks.run_benchmark(config, log=lambda line: None)
   path = tmp_path / "bench.json"
-  bench.write_json(results, path)
+  benchmarks.write_json(results, path)
   loaded = json.loads(path.read_text())
   assert {"environment", "config", "rows", "targets", "agreement", "auto_batch_size", "memory_check",
           "notes"} <= set(loaded)
-  assert set(loaded["targets"]) == set(bench.TARGETS)
+  assert set(loaded["targets"]) == set(benchmarks.TARGETS)
   rows = {r["id"]: r for r in loaded["rows"]}
   timed = [f"{s}.{v}" for s in "ab" for v in config.classifier_variants]
   timed += ["c.raw", "c.counts", "d.score", "d.classifier", "d.raw", "d.counts", "e.train"]
@@ -195,7 +195,7 @@ def test_benchmark_runs_end_to_end_in_tiny_mode(tmp_path):
     # Each target says what XLA compiled the classifier's convolutions to (bfloat16 may run in float32).
     for name, v in (("jax_float32_vs_torch", "f32_folded"), ("jax_bfloat16_vs_torch", "bf16_folded")):
       assert loaded["targets"][name]["note"].endswith(
-          "compiled " + bench.precision.describe(rows[f"a.{v}"]["compute_types"]))
+          "compiled " + benchmarks.precision.describe(rows[f"a.{v}"]["compute_types"]))
   except ImportError:
     pass
   for row_id in timed:
@@ -219,14 +219,14 @@ def test_benchmark_runs_end_to_end_in_tiny_mode(tmp_path):
   assert 0.0 <= loaded["agreement"]["random_resnet"]["agreement"] <= 1.0
   auto = loaded["auto_batch_size"]
   assert auto["estimated_bytes"] <= auto["budget_bytes"] and auto["batch_size"] & (auto["batch_size"] - 1) == 0
-  table = bench.markdown_table(results)
+  table = benchmarks.markdown_table(results)
   assert table.count("\n| ") >= len(timed) and "peak_memory_large_n_vs_small_n" in table
   assert loaded["config"]["depth"] == config.depth
 
 
 def test_batch_size_sweep_config_drops_the_main_batch_size_and_names_bad_values():
-  config = bench.BenchmarkConfig(batch_size=64, torch_sweep_batch_sizes=(400, 64, 32, 32))
+  config = benchmarks.BenchmarkConfig(batch_size=64, torch_sweep_batch_sizes=(400, 64, 32, 32))
   assert config.torch_sweep_batch_sizes == (32, 400)  # B=64 is already timed by the equal-batch rows
-  assert bench.BenchmarkConfig(torch_sweep_batch_sizes=()).torch_sweep_batch_sizes == ()
+  assert benchmarks.BenchmarkConfig(torch_sweep_batch_sizes=()).torch_sweep_batch_sizes == ()
   with pytest.raises(ValueError, match=r"torch_sweep_batch_sizes=\(32, 0\)"):
-    bench.BenchmarkConfig(torch_sweep_batch_sizes=(32, 0))
+    benchmarks.BenchmarkConfig(torch_sweep_batch_sizes=(32, 0))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scoresmooth_jax.bench import accelerators, draw_rate, gpu_preset, jax_rows, preset_rows
+from benchmarks import accelerators, draw_rate, gpu_preset, jax_rows, preset_rows
 from scoresmooth_jax.runtime import batching
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def test_flops_are_counted_on_xla_convolutions_whatever_runs_them():
 
 @pytest.mark.parametrize("spec", _rows("torch", False) + _rows("torch", True))
 def test_every_peer_row_runs_at_toy_size(spec, peers_dir):
-  from scoresmooth_jax.bench import torch_peer
+  from benchmarks import torch_peer
 
   settings = preset_rows.PresetSettings.toy_settings(peers_dir=peers_dir, target_s=0.01, repeats=1)
   row = torch_peer.measure_torch_row(spec, settings)
@@ -112,7 +112,7 @@ def test_every_peer_row_runs_at_toy_size(spec, peers_dir):
 
 def test_the_peer_needs_its_code(tmp_path):
   pytest.importorskip("torch", reason="the PyTorch peer needs PyTorch")
-  from scoresmooth_jax.bench import torch_peer
+  from benchmarks import torch_peer
 
   with pytest.raises(FileNotFoundError, match="holds no improved_diffusion/unet.py"):
     torch_peer.import_improved_diffusion(str(tmp_path))

@@ -6,6 +6,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
@@ -95,15 +96,18 @@ def test_importing_the_package_loads_no_job_subpackage():
   loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                      timeout=120, cwd=PACKAGE.parent).stdout)
   assert "scoresmooth_jax.runtime.sharding" in loaded
-  for package in ("bench", "certification", "datasets", "modelio", "models", "training"):
+  for package in ("certification", "datasets", "modelio", "models", "training"):
     assert not [m for m in loaded if m.startswith(f"scoresmooth_jax.{package}")], package
 
 
 def test_the_wheel_finds_every_subpackage_and_the_package_data_is_in_place():
-  # pyproject.toml: [tool.setuptools.packages.find] include = ["scoresmooth_jax*"].
   setuptools = pytest.importorskip("setuptools", reason="setuptools (the build backend) is not installed")
-  found = set(setuptools.find_packages(str(PACKAGE.parent), include=["scoresmooth_jax*"]))
+  pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+  found = set(setuptools.find_packages(str(PACKAGE.parent), **pyproject["tool"]["setuptools"]["packages"]["find"]))
   on_disk = {"scoresmooth_jax." + p.parent.relative_to(PACKAGE).as_posix().replace("/", ".")
              for p in PACKAGE.glob("*/__init__.py")}
   assert on_disk <= found and {"scoresmooth_jax.training", "scoresmooth_jax.modelio"} <= on_disk
+  # The benchmarks sit beside the package, and the wheel leaves them out.
+  assert (PACKAGE.parent / "benchmarks" / "__init__.py").is_file() and not (PACKAGE / "bench").exists()
+  assert not [p for p in found if not p.startswith("scoresmooth_jax.") and p != "scoresmooth_jax"], found
   assert (PACKAGE / "data" / "digits.npz").is_file() and (PACKAGE / "shipped" / "cifar10-cpu.json").is_file()

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scoresmooth_jax import bench
+import benchmarks
+from benchmarks import library_flops, measure, precision
 from scoresmooth_jax.modelio import classifier, convert
-from scoresmooth_jax.bench import library_flops, measure, precision
 from scoresmooth_jax.models import onednn_conv, resnet
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -115,7 +115,7 @@ def test_bad_inputs_name_the_fix(args, match):
 
 
 def _classifier(module, shape, seed=0):
-  variables = bench.random_variables(module, jnp.zeros((1, *shape)), seed=seed)  # random BatchNorm statistics
+  variables = benchmarks.random_variables(module, jnp.zeros((1, *shape)), seed=seed)  # random BatchNorm statistics
   return classifier.Classifier(module=module, variables=jax.tree.map(jnp.asarray, variables), mean=(0.5,) * 3,
                                std=(0.25,) * 3, num_classes=module.num_classes, image_shape=shape)
 

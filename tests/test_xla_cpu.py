@@ -61,21 +61,22 @@ def test_every_computing_script_applies_the_flags_in_main(script):
 _PROGRAM = r"""
 import sys
 import jax, jax.numpy as jnp, numpy as np
-from scoresmooth_jax import bench, noise, smoothing
+import benchmarks
+from scoresmooth_jax import noise, smoothing
 from scoresmooth_jax.modelio import classifier
 from scoresmooth_jax.models import resnet, score_unet
 from scoresmooth_jax.training import losses
 
 images = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
 net = resnet.CifarResNet(depth=8, shortcut="B", fold_bn=True, conv_impl="xla")
-variables = jax.tree.map(jnp.asarray, bench.random_variables(net, images, seed=0))
+variables = jax.tree.map(jnp.asarray, benchmarks.random_variables(net, images, seed=0))
 clf = classifier.Classifier(net, variables, mean=(0.5,) * 3, std=(0.25,) * 3, num_classes=10, image_shape=(16, 16, 3))
 counts = smoothing.sample_counts(clf, images[0], noise.Gaussian(0.25), 256, jax.random.key(4), num_classes=10,
                                  batch_size=64)
 unet = score_unet.ScoreUNet(channels=16, channel_mults=(1, 2))
 sigma = jnp.linspace(0.05, 1.0, 4)
 z = jax.random.normal(jax.random.key(2), images.shape)
-params = jax.tree.map(jnp.asarray, bench.random_variables(unet, images, sigma, seed=3))  # no init to compile
+params = jax.tree.map(jnp.asarray, benchmarks.random_variables(unet, images, sigma, seed=3))  # no init to compile
 loss = lambda p: losses.dsm_loss_per_example(unet.apply, p, images, sigma, z).mean()
 grads = jax.jit(jax.grad(loss))(params)
 np.savez(sys.argv[1], logits=np.asarray(jax.jit(clf)(images)), counts=counts,
@@ -87,7 +88,8 @@ def _run(tmp_path, name, xla_flags):
   env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_COMPILATION"))}
   env.update(XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
   out = tmp_path / f"{name}.npz"
-  subprocess.run([sys.executable, "-c", _PROGRAM, str(out)], env=env, check=True, timeout=600)
+  subprocess.run([sys.executable, "-c", _PROGRAM, str(out)], env=env, check=True, timeout=600,
+                 cwd=SCRIPTS.parent)  # the repository root, where the benchmarks package is
   return np.load(out)
 
 

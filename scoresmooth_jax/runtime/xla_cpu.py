@@ -12,6 +12,7 @@ Promises:
     returned unchanged.
   * ``apply_recommended_cpu_flags(environ)`` does the same to ``environ["XLA_FLAGS"]`` (``os.environ`` by default)
     and returns the new value.
+  * ``xla_cpu_threads()`` is the number of threads XLA:CPU computes with in this process.
 """
 
 from __future__ import annotations
@@ -45,3 +46,11 @@ def apply_recommended_cpu_flags(environ: MutableMapping[str, str] | None = None)
   environ = os.environ if environ is None else environ
   environ["XLA_FLAGS"] = with_recommended_cpu_flags(environ.get("XLA_FLAGS", ""))
   return environ["XLA_FLAGS"]
+
+
+def xla_cpu_threads() -> int:
+  """Threads XLA:CPU computes with: its pool has one per CPU this process may run on."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # no sched_getaffinity (macOS)
+    return os.cpu_count() or 1

@@ -101,8 +101,8 @@ def measure_row(preset_name: str, weights: str, batch_size: int, sigma: float = 
   from scoresmooth_jax import denoise, noise, smoothing
   from scoresmooth_jax.certification import certify_job
   from scoresmooth_jax.modelio import openai_diffusion
-  from scoresmooth_jax.bench.config import BenchmarkConfig
-  from scoresmooth_jax.bench.workbench import Workbench
+  from benchmarks.config import BenchmarkConfig
+  from benchmarks.workbench import Workbench
 
   cap = rss_cap_gib if rss_cap_gib is not None else float(os.environ.get("SCORESMOOTH_BENCH_RSS_CAP_GIB", "inf"))
   if cap != float("inf"):
@@ -149,14 +149,14 @@ def measure_row(preset_name: str, weights: str, batch_size: int, sigma: float = 
 
 def run_row_in_subprocess(preset_name: str, weights: str, batch_size: int, timeout: float = 3600.0) -> dict:
   """``measure_row`` in a fresh Python process; its JSON line, or {"error": ...}."""
-  package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is beside scoresmooth_jax/
   env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-  code = ("import json, sys; from scoresmooth_jax.bench import openai_rows; "
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
+  code = ("import json, sys; from benchmarks import openai_rows; "
           "print(json.dumps(openai_rows.measure_row(sys.argv[1], sys.argv[2], int(sys.argv[3]))), flush=True)")
   try:
     done = subprocess.run([sys.executable, "-c", code, preset_name, weights, str(batch_size)], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=package_root)
+                          text=True, timeout=timeout, env=env, cwd=repo_root)
   except subprocess.TimeoutExpired:
     return {"preset": preset_name, "weights": weights, "error": f"timed out after {timeout:.0f} s"}
   lines = [line for line in done.stdout.splitlines() if line.startswith("{")]

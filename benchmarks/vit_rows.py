@@ -48,8 +48,8 @@ def vit_rows(batch_size: int = DEFAULT_BATCH, repeats: int = 3, log=print) -> li
   import numpy as np
 
   from scoresmooth_jax import denoise, noise, resize, smoothing
-  from scoresmooth_jax.bench import measure
-  from scoresmooth_jax.bench.openai_rows import _random_params
+  from benchmarks import measure
+  from benchmarks.openai_rows import _random_params
   from scoresmooth_jax.modelio import openai_diffusion
 
   devices = jax.device_count()

@@ -15,10 +15,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from scoresmooth_jax import denoise, noise, smoothing
-from scoresmooth_jax.bench import precision, torch_baseline
-from scoresmooth_jax.bench.config import BenchmarkConfig
-from scoresmooth_jax.bench.environment import xla_cpu_threads
-from scoresmooth_jax.bench.measure import _flops, _xla_bytes
+from benchmarks import precision, torch_baseline
+from benchmarks.config import BenchmarkConfig
+from benchmarks.environment import xla_cpu_threads
+from benchmarks.measure import _flops, _xla_bytes
 from scoresmooth_jax.modelio import classifier as classifier_lib, export
 from scoresmooth_jax.models import resnet, score_unet
 from scoresmooth_jax.runtime import sharding
@@ -83,7 +83,7 @@ class Case:
   flops_source: str
   xla_bytes: int | None = None
   compile_seconds: float | None = None
-  compute_types: dict | None = None  # the compiled convolutions and dots by operand type (bench.precision)
+  compute_types: dict | None = None  # the compiled convolutions and dots by operand type (benchmarks.precision)
 
 
 class Workbench:

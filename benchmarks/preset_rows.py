@@ -1,8 +1,8 @@
 """What the GPU benchmark preset measures: its rows, its settings, and the networks of each row at full and toy size.
 
-The preset (``bench.gpu_preset``) times certification as a user runs it on one accelerator: the certification
+The preset (``benchmarks.gpu_preset``) times certification as a user runs it on one accelerator: the certification
 job's one-step base classifier inside ``smoothing.sample_counts`` at the batch size the job would choose, beside
-the PyTorch peer (``bench.torch_peer``: improved-diffusion's own UNet and a PyTorch ResNet-110, denoised and
+the PyTorch peer (``benchmarks.torch_peer``: improved-diffusion's own UNet and a PyTorch ResNet-110, denoised and
 classified in a loop as Carlini et al.'s DRM.py does). ``ROWS`` lists the rows in the order they run: the ones the
 comparison needs first, so that a run cut short by its deadline still has them.
 

@@ -1,5 +1,5 @@
 """What a benchmark run measures: ``BenchmarkConfig`` (the default run) and ``tiny_config`` (the seconds-long test
-run), with the issue's targets (``TARGETS``). See ``scoresmooth_jax.bench`` for what each row measures and how.
+run), with the issue's targets (``TARGETS``). See ``benchmarks`` for what each row measures and how.
 """
 
 from __future__ import annotations

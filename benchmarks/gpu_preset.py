@@ -24,7 +24,7 @@ import sys
 import time
 import traceback
 
-from scoresmooth_jax.bench import accelerators, preset_rows
+from benchmarks import accelerators, preset_rows
 
 _MIN_ROW_S = 20.0  # a row needs at least this long (process start, build, compile) to be worth starting
 _MARGIN_S = 5.0    # kept back from the deadline for writing the results
@@ -38,10 +38,10 @@ def row_main(spec_json: str, settings_json: str, deadline_s: str) -> None:
   deadline = time.monotonic() + float(deadline_s)
   try:
     if spec.framework == "jax":
-      from scoresmooth_jax.bench import jax_rows  # pylint: disable=import-outside-toplevel
+      from benchmarks import jax_rows  # pylint: disable=import-outside-toplevel
       row = jax_rows.measure_jax_row(spec, settings, deadline)
     else:
-      from scoresmooth_jax.bench import torch_peer  # pylint: disable=import-outside-toplevel
+      from benchmarks import torch_peer  # pylint: disable=import-outside-toplevel
       row = torch_peer.measure_torch_row(spec, settings, deadline)
   except Exception as error:  # pylint: disable=broad-except
     traceback.print_exc()
@@ -52,15 +52,15 @@ def row_main(spec_json: str, settings_json: str, deadline_s: str) -> None:
 
 def run_row_in_subprocess(spec: preset_rows.RowSpec, settings: preset_rows.PresetSettings, timeout: float) -> dict:
   """``row_main`` in a fresh Python process, stopped after ``timeout`` seconds; its row, or the reason it has none."""
-  package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is beside scoresmooth_jax/
   env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-  code = "import sys; from scoresmooth_jax.bench import gpu_preset; gpu_preset.row_main(*sys.argv[1:])"
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
+  code = "import sys; from benchmarks import gpu_preset; gpu_preset.row_main(*sys.argv[1:])"
   args = [sys.executable, "-c", code, json.dumps(dataclasses.asdict(spec)), json.dumps(dataclasses.asdict(settings)),
           str(max(timeout - _MARGIN_S, 1.0))]
   base = {"name": spec.name, "framework": spec.framework, "precision": spec.precision, "pair": spec.pair}
   try:
-    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, cwd=package_root)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, cwd=repo_root)
   except subprocess.TimeoutExpired:
     return {**base, "error": f"stopped after {timeout:.0f} s (the row's limit or the run's deadline)"}
   lines = [line for line in done.stdout.splitlines() if line.startswith("{")]

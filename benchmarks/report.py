@@ -9,8 +9,8 @@ import os
 
 import numpy as np
 
-from scoresmooth_jax.bench.config import MIB
-from scoresmooth_jax.bench.measure import UNCONTENDED_CORES
+from benchmarks.config import MIB
+from benchmarks.measure import UNCONTENDED_CORES
 
 def _fmt(value, spec: str, scale: float = 1.0, suffix: str = "") -> str:
   if value is None or (isinstance(value, float) and not np.isfinite(value)):

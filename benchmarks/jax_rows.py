@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from scoresmooth_jax import denoise, noise as noise_lib, smoothing
-from scoresmooth_jax.bench import draw_rate, openai_rows, preset_rows
-from scoresmooth_jax.bench.workbench import random_variables
+from benchmarks import draw_rate, openai_rows, preset_rows
+from benchmarks.workbench import random_variables
 from scoresmooth_jax.certification import certify_job
 from scoresmooth_jax.modelio import classifier as classifier_lib, compute_dtype, export, openai_diffusion
 from scoresmooth_jax.models import resnet, score_unet

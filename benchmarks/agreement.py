@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scoresmooth_jax import noise
-from scoresmooth_jax.bench.config import BenchmarkConfig
+from benchmarks.config import BenchmarkConfig
 
 
 def labels_agreement(reference: Callable, other: Callable, images, nz: noise.Noise, draws: int, batch: int,

@@ -1,6 +1,6 @@
 """The rows of a benchmark run: each ``_*_section`` times one group of cases (interleaved) and adds rows, targets
 and notes to ``_Results``; ``run_benchmark(config)`` runs them all and returns the results as a JSON-ready dict
-(see ``scoresmooth_jax.bench`` for what each row measures and how).
+(see ``benchmarks`` for what each row measures and how).
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ import jax
 import numpy as np
 
 from scoresmooth_jax import smoothing
-from scoresmooth_jax.bench import torch_baseline
+from benchmarks import torch_baseline
 from scoresmooth_jax.runtime import batching
-from scoresmooth_jax.bench.config import MIB, TARGETS, BenchmarkConfig
-from scoresmooth_jax.bench.environment import environment, xla_cpu_threads
-from scoresmooth_jax.bench import precision, stages
-from scoresmooth_jax.bench.agreement import fixture_agreement, labels_agreement
-from scoresmooth_jax.bench.measure import UNCONTENDED_CORES, Timing, _flops, _median, _spread, interleaved
-from scoresmooth_jax.bench.memory import probe_memory_in_subprocess
-from scoresmooth_jax.bench.workbench import Case, Workbench
+from benchmarks.config import MIB, TARGETS, BenchmarkConfig
+from benchmarks.environment import environment, xla_cpu_threads
+from benchmarks import precision, stages
+from benchmarks.agreement import fixture_agreement, labels_agreement
+from benchmarks.measure import UNCONTENDED_CORES, Timing, _flops, _median, _spread, interleaved
+from benchmarks.memory import probe_memory_in_subprocess
+from benchmarks.workbench import Case, Workbench
 
 def _row(row_id: str, description: str, case: Case | None, timing: Timing | None = None, name: str | None = None,
          **extra) -> dict:
@@ -167,7 +167,7 @@ def _torch_section(res: _Results) -> None:
             f"B={torch_top['batch_size']}), {which}; at equal batch size: {at_equal}")
     if v == "f32_folded" and "f32" in jax_rows:
       note += f"; unfolded float32 at B={cfg.batch_size}: {jax_rows['f32']['ratio']:.2f}"
-    # What XLA really multiplies in: on CPU a bfloat16 network's convolutions run in float32 (bench.precision).
+    # What XLA really multiplies in: on CPU a bfloat16 network's convolutions run in float32 (benchmarks.precision).
     note += f"; compiled {precision.describe(bench.case(f'a.{v}').compute_types)}"
     res.targets[name] = _target(name, jax_top[key] / torch_top[key], note)
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from scoresmooth_jax.bench import library_flops
+from benchmarks import library_flops
 
 
 def _block(out):

@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 import jax
 
-from scoresmooth_jax.bench.config import BenchmarkConfig
-from scoresmooth_jax.bench.measure import _block
-from scoresmooth_jax.bench.workbench import Workbench
+from benchmarks.config import BenchmarkConfig
+from benchmarks.measure import _block
+from benchmarks.workbench import Workbench
 
 def _current_rss() -> int:
   with open("/proc/self/statm") as f:
@@ -74,12 +74,12 @@ def probe_memory_in_subprocess(config: BenchmarkConfig, case_id: str, timeout: f
   """Runs ``case_id`` in a fresh Python process: build, compile, one warm-up call, then the measured call."""
   env = dict(os.environ)
   env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # fixed threshold: big buffers are mmapped and unmapped when freed
-  package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-  code = "import sys; from scoresmooth_jax.bench import memory; memory._probe_main(sys.argv[1], sys.argv[2])"
+  repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is beside scoresmooth_jax/
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
+  code = "import sys; from benchmarks import memory; memory._probe_main(sys.argv[1], sys.argv[2])"
   try:
     done = subprocess.run([sys.executable, "-c", code, json.dumps(dataclasses.asdict(config)), case_id],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=package_root)
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=repo_root)
   except subprocess.TimeoutExpired:
     return {"error": f"timed out after {timeout:.0f} s"}
   lines = [l for l in done.stdout.splitlines() if l.startswith("{")]

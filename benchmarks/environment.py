@@ -9,14 +9,8 @@ import platform
 
 import jax
 
-from scoresmooth_jax.bench import torch_baseline
-
-def xla_cpu_threads() -> int:
-  """Threads XLA:CPU computes with: its pool has one per CPU this process may run on."""
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:
-    return os.cpu_count() or 1
+from benchmarks import torch_baseline
+from scoresmooth_jax.runtime.xla_cpu import xla_cpu_threads
 
 
 def cpu_features() -> dict:

@@ -45,14 +45,14 @@ How it measures, and why:
 # types XLA compiled the convolutions and dots to), ``sections`` (the rows and ``run_benchmark``), ``report``
 # (Markdown and JSON).
 
-from scoresmooth_jax.bench import precision
-from scoresmooth_jax.bench.config import MIB, TARGETS, BenchmarkConfig, tiny_config
-from scoresmooth_jax.bench.environment import cpu_features, environment, xla_cpu_threads
-from scoresmooth_jax.bench.measure import UNCONTENDED_CORES, Timing, interleaved
-from scoresmooth_jax.bench.memory import measure_peak_memory, probe_memory_in_subprocess
-from scoresmooth_jax.bench.report import markdown_table, write_json
-from scoresmooth_jax.bench.sections import VARIANT_LABELS, run_benchmark
-from scoresmooth_jax.bench.workbench import Case, Workbench, calibrate_classifier, random_variables
+from benchmarks import precision
+from benchmarks.config import MIB, TARGETS, BenchmarkConfig, tiny_config
+from benchmarks.environment import cpu_features, environment, xla_cpu_threads
+from benchmarks.measure import UNCONTENDED_CORES, Timing, interleaved
+from benchmarks.memory import measure_peak_memory, probe_memory_in_subprocess
+from benchmarks.report import markdown_table, write_json
+from benchmarks.sections import VARIANT_LABELS, run_benchmark
+from benchmarks.workbench import Case, Workbench, calibrate_classifier, random_variables
 from scoresmooth_jax.runtime.xla_cpu import RECOMMENDED_CPU_XLA_FLAGS  # the flags every CPU script runs with
 
 __all__ = ["precision", "MIB", "RECOMMENDED_CPU_XLA_FLAGS", "TARGETS", "BenchmarkConfig", "tiny_config",

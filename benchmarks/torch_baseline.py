@@ -1,6 +1,6 @@
 """A PyTorch eager baseline of the Monte-Carlo loop, run the way Cohen et al.'s reference code runs it.
 
-It exists to be timed beside ``smoothing.sample_counts`` (``scoresmooth_jax.bench``): same network, same
+It exists to be timed beside ``smoothing.sample_counts`` (``benchmarks``): same network, same
 weights, same number of draws, so the JAX / PyTorch ratio says what the JAX pipeline buys over the tool people use.
 
 Promises:

@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from scoresmooth_jax.bench import draw_rate, preset_rows, torch_baseline
+from benchmarks import draw_rate, preset_rows, torch_baseline
 from scoresmooth_jax.modelio import openai_diffusion
 
 
