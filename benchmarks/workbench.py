@@ -347,14 +347,7 @@ class Workbench:
     cfg = self.config
     module, params = self.unet()
     sigmas = losses.SigmaDistribution(0.01, 1.0)
-
-    def loss_fn(params, model_state, images, labels, key):  # as train.py builds the score task's loss
-      del labels
-      key, dropout_key = jax.random.split(key)
-      apply = lambda p, x, s: module.apply({"params": p}, x, s, train=True, rngs={"dropout": dropout_key})
-      loss, _ = losses.get_dsm_loss_fn(apply, sigmas)(params, images, key)
-      return loss, (model_state, {})
-
+    loss_fn = losses.get_score_task_loss_fn(module, sigmas)  # the loss train.build_task gives the score task
     optim = train_state.OptimConfig(learning_rate=2e-4, warmup_steps=0, schedule="constant", grad_clip=1.0,
                                     weight_decay=0.0, ema_decay=0.999)
     optimizer = train_state.make_optimizer(optim, 1000)

@@ -110,3 +110,22 @@ def test_dsm_loss_of_exact_score_of_point_mass():
                                    losses.SigmaDistribution(0.01, 1.0))
   assert float(loss_fn(None, jnp.full((64, 3, 3, 2), c), jax.random.key(0))[0]) < 1e-8 * (1 / 0.01**2)
   assert math.isfinite(float(loss_fn(None, jnp.full((64, 3, 3, 2), c), jax.random.key(0))[0]))
+
+
+def test_the_score_task_loss_is_dsm_with_a_dropout_key_split_off():
+  # train.build_task and the benchmark's training row both train through this one function.
+  seen = {}
+
+  class Module:  # the score network's apply, recording the dropout key it is given
+    def apply(self, variables, y, sigma, train, rngs):
+      seen.update(train=train, dropout=rngs["dropout"])
+      return variables["params"]["a"] * y
+
+  sigmas = losses.SigmaDistribution(0.1, 1.0)
+  images = jax.random.uniform(jax.random.key(1), (4, 3, 3, 1))
+  params, state, key = {"a": jnp.float32(-2.0)}, {"anything": 1}, jax.random.key(2)
+  loss, (new_state, metrics) = losses.get_score_task_loss_fn(Module(), sigmas)(params, state, images, None, key)
+  loss_key, dropout_key = jax.random.split(key)
+  expected, _ = losses.get_dsm_loss_fn(lambda p, y, s: p["a"] * y, sigmas)(params, images, loss_key)
+  assert float(loss) == pytest.approx(float(expected), rel=1e-6) and new_state is state and metrics == {}
+  assert seen["train"] is True and (jax.random.key_data(seen["dropout"]) == jax.random.key_data(dropout_key)).all()

@@ -126,6 +126,29 @@ def get_dsm_loss_fn(apply_fn: ScoreApplyFn, sigmas: SigmaDistribution):
   return loss_fn
 
 
+def get_score_task_loss_fn(module, sigmas: SigmaDistribution):
+  """The score task's training loss in the form ``train_state.get_train_step_fn`` takes.
+
+  Args:
+    module: the Flax score network, called as ``module.apply({"params": p}, y, sigma, train=True)`` with a
+      "dropout" RNG split off each step's key.
+    sigmas: where the noise levels are drawn from.
+
+  Returns:
+    ``loss_fn(params, model_state, images, labels, key) -> (loss, (model_state, {}))``: ``get_dsm_loss_fn`` on
+    the clean ``images``; labels are ignored and ``model_state`` passes through (score networks keep none).
+  """
+
+  def loss_fn(params, model_state, images, labels, key):
+    del labels
+    key, dropout_key = jax.random.split(key)
+    apply = lambda p, x, s: module.apply({"params": p}, x, s, train=True, rngs={"dropout": dropout_key})
+    loss, _ = get_dsm_loss_fn(apply, sigmas)(params, images, key)
+    return loss, (model_state, {})
+
+  return loss_fn
+
+
 def get_noisy_cross_entropy_fn(apply_fn: ClassifierApplyFn, noise_sigma: float):
   """Cross-entropy on Gaussian-noise-augmented inputs (Cohen et al.'s training; plain when sigma is 0).
 

@@ -19,7 +19,8 @@ Promises:
   * Score models train in mixed precision with ``model.kwargs.dtype = "bfloat16"`` (``precision.py``); the
     export records it as ``train_compute_dtype``.
 
-Config sections (see configs/score_digits.py and configs/classifier_digits.py for documented examples):
+Config sections (every key: ``runtime.config_schema.training_config``; documented examples: configs/score_digits.py
+and configs/classifier_digits.py):
 ``task, seed, distributed, data, model, optim, train, eval`` and, per task, ``sigma`` (score) or
 ``noise_sigma`` and ``normalization`` (classifier).
 """
@@ -42,10 +43,9 @@ from scoresmooth_jax import models
 from scoresmooth_jax.datasets import data
 from scoresmooth_jax.modelio import checkpoint, classifier
 from scoresmooth_jax.runtime import sharding
+from scoresmooth_jax.runtime.config_schema import TASKS
 from scoresmooth_jax.training import evaluate, losses, precision, train_state, warm_start
 from scoresmooth_jax.modelio.export import ScoreFunction, export_score_model, load_score_fn  # noqa: F401 (re-export)
-
-TASKS = ("score", "classifier")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,14 +137,6 @@ def _score_task(config, image_shape) -> Task:
       raise ValueError(f"eval.sigmas has {s}, outside the trained range [{sigmas.sigma_min}, {sigmas.sigma_max}]; "
                        "drop it or widen sigma.sigma_min/sigma_max.")
   eval_apply = lambda params, x, sigma: module.apply({"params": params}, x, sigma)
-
-  def loss_fn(params, model_state, images, labels, key):
-    del labels
-    key, dropout_key = jax.random.split(key)
-    apply = lambda p, x, s: train_module.apply({"params": p}, x, s, train=True, rngs={"dropout": dropout_key})
-    loss, _ = losses.get_dsm_loss_fn(apply, sigmas)(params, images, key)
-    return loss, (model_state, {})
-
   buckets = config.eval.loss_buckets
   pixels = int(np.prod(image_shape))
 
@@ -156,7 +148,7 @@ def _score_task(config, image_shape) -> Task:
   return Task(
       model_name=name, model_kwargs=kwargs,
       init_variables=lambda key: module.init(key, jnp.zeros((1, *image_shape)), jnp.ones((1,))),
-      loss_fn=loss_fn,
+      loss_fn=losses.get_score_task_loss_fn(train_module, sigmas),
       eval_batch=evaluate.get_score_eval_fn(eval_apply, eval_sigmas, sigmas.sigma_min, sigmas.sigma_max, buckets),
       finalize=lambda sums: evaluate.finalize_score(sums, pixels, eval_sigmas, sigmas.sigma_min,
                                                     sigmas.sigma_max, buckets),
@@ -233,52 +225,6 @@ def describe_model(report: dict) -> str:
   flops = f"{flops / 1e9:,.2f} GFLOPs" if flops >= 1e9 else f"{flops / 1e6:,.2f} MFLOPs"
   return (f"model {report['model']}: {report['params']:,} parameters, {flops} per {shape} image "
           "(forward pass, XLA cost analysis)")
-
-
-def base_config(task: str, dataset: str, image_shape, *, random_flip: bool, random_crop_padding: int = 0):
-  """The skeleton every ``configs/{score,classifier}_*.py`` fills in: every key ``train_and_evaluate`` reads.
-
-  Values most experiments share are set here; the ones each experiment must choose (model, learning rate,
-  batch sizes, step counts, intervals, normalisation) are placeholders (None) that the config file sets.
-  """
-  import ml_collections
-  from ml_collections.config_dict import placeholder
-
-  if task not in TASKS:
-    raise ValueError(f"task={task!r}: choose one of {TASKS}.")
-  config = ml_collections.ConfigDict()
-  config.task = task
-  config.seed = 0
-  config.distributed = False       # True on multi-host TPU/GPU: joins the cluster (JAX detects it)
-  config.report_only = False       # print parameters and FLOPs, then stop
-  config.data = ml_collections.ConfigDict(dict(
-      name=dataset, train_split="train", eval_split="test", data_dir=placeholder(str),
-      eval_name=placeholder(str),  # the evaluation dataset when it is not `name` (e.g. a folder with no test split)
-      image_size=placeholder(int), image_shape=tuple(image_shape), random_flip=random_flip,
-      random_crop_padding=random_crop_padding,
-      in_memory=False))  # decode the training split once into host memory (data.load_into_memory)
-  config.model = ml_collections.ConfigDict(dict(name=placeholder(str), kwargs=ml_collections.ConfigDict()))
-  config.optim = ml_collections.ConfigDict(dict(
-      learning_rate=placeholder(float), warmup_steps=placeholder(int), schedule="constant", grad_clip=1.0,
-      weight_decay=0.0, ema_decay=placeholder(float)))
-  config.train = ml_collections.ConfigDict(dict(
-      batch_size=placeholder(int), num_steps=placeholder(int),
-      steps_per_dispatch=1,  # XLA:CPU runs convs in loop bodies slowly (train_state.py); raise it on TPU/GPU
-      log_every=placeholder(int), eval_every=placeholder(int), checkpoint_every=placeholder(int),
-      keep_checkpoints=2,
-      init_from=""))  # an export dir (or a shipped score model's name) to start from (warm_start.py)
-  eval_common = dict(batch_size=placeholder(int), num_examples=placeholder(int))
-  if task == "score":
-    config.sigma = ml_collections.ConfigDict(dict(sigma_min=0.01, sigma_max=1.0,
-                                                  num_scales=0,  # 0: continuous, log-uniform sigma
-                                                  focus_min=0.0, focus_prob=0.0))  # losses.SigmaDistribution
-    config.eval = ml_collections.ConfigDict(dict(**eval_common, sigmas=(0.12, 0.25, 0.5, 1.0), loss_buckets=4))
-  else:
-    config.noise_sigma = 0.0         # Gaussian augmentation in [0, 1] pixel space; 0 = plain training
-    config.normalization = ml_collections.ConfigDict(dict(mean=placeholder(tuple), std=placeholder(tuple)))
-    config.optim.ema_decay = 0.0     # BatchNorm statistics track the raw parameters; evaluate those
-    config.eval = ml_collections.ConfigDict(dict(**eval_common, noise_sigmas=(0.25, 0.5)))
-  return config
 
 
 def initialize_distributed(config) -> None:
