@@ -6,14 +6,14 @@ With our score model and a converted or trained classifier, on a GPU/TPU host:
       --config.noise.sigma=0.25
 With a published score_sde model: --config.denoiser.score=score_sde:cifar10_ncsnpp_continuous:/path/checkpoint_26
 Cohen's n = 100,000: --config.certify.n=100000. The tiny variant (tests, CPU) certifies 2 images with
-few draws and a one-step denoiser. All keys: scoresmooth_jax.certification.certify_job.base_config.
+few draws and a one-step denoiser. All keys: scoresmooth_jax.runtime.config_schema.certification_config.
 """
 
-from scoresmooth_jax.certification.certify_job import base_config
+from scoresmooth_jax.runtime import config_schema
 
 
 def get_config(variant: str = ""):
-  config = base_config()
+  config = config_schema.certification_config()
   config.dataset.name = "cifar10"
   config.dataset.skip = 20
   config.classifier.path = "workdirs/classifier_cifar10/export"

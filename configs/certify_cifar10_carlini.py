@@ -19,14 +19,14 @@ Then, anywhere (torch only if the directory holds pytorch_model.bin rather than 
   python scripts/certify.py --config configs/certify_cifar10_carlini.py --workdir workdirs/carlini_cifar10_s025 \
       --config.noise.sigma=0.25
 The tiny variant (tests, CPU) certifies 2 images with few draws; tests point it at small random-weight models.
-All keys: scoresmooth_jax.certification.certify_job.base_config.
+All keys: scoresmooth_jax.runtime.config_schema.certification_config.
 """
 
-from scoresmooth_jax.certification.certify_job import base_config
+from scoresmooth_jax.runtime import config_schema
 
 
 def get_config(variant: str = ""):
-  config = base_config()
+  config = config_schema.certification_config()
   config.dataset.name = "cifar10"
   config.dataset.skip = 1
   config.classifier.path = "workdirs/vit_b16_cifar10"

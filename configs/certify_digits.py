@@ -7,14 +7,14 @@ Then:
   python scripts/certify.py --config configs/certify_digits.py --workdir workdirs/certify_digits \
       --config.noise.type=laplace --config.noise.sigma=0.5 --config.denoiser.kind=annealed
 `--config configs/certify_digits.py:tiny` is the variant the tests use (few images, few draws).
-All keys: scoresmooth_jax.certification.certify_job.base_config.
+All keys: scoresmooth_jax.runtime.config_schema.certification_config.
 """
 
-from scoresmooth_jax.certification.certify_job import base_config
+from scoresmooth_jax.runtime import config_schema
 
 
 def get_config(variant: str = ""):
-  config = base_config()
+  config = config_schema.certification_config()
   config.classifier.path = "workdirs/classifier_digits/export"
   config.denoiser.score = "workdirs/score_digits/export"
   if variant == "tiny":

@@ -4,14 +4,14 @@
       --config.classifier.path=workdirs/resnet50_torchvision --config.denoiser.score=workdirs/score_imagenet/export \
       --config.noise.sigma=0.5
 The data must be prepared with tfds beforehand (README). Images are resized to 224 (shorter side, then centre
-crop). The tiny variant (tests, CPU) certifies 2 mock images at 32x32. All keys: certify_job.base_config.
+crop). The tiny variant (tests, CPU) certifies 2 mock images at 32x32. All keys: config_schema.certification_config.
 """
 
-from scoresmooth_jax.certification.certify_job import base_config
+from scoresmooth_jax.runtime import config_schema
 
 
 def get_config(variant: str = ""):
-  config = base_config()
+  config = config_schema.certification_config()
   config.dataset.name = "imagenet2012"
   config.dataset.split = "validation"
   config.dataset.image_size = 224

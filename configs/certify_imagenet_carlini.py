@@ -21,14 +21,14 @@ Then, anywhere (with torch, to read the .pth):
       --config.noise.sigma=0.5
 The data must be prepared with tfds beforehand (README). The tiny variant (tests, CPU) certifies 2 mock images at
 64 x 64 (a small UNet) before a 32 x 32 BEiT, so the resize shrinks; tests point it at small random-weight models.
-All keys: scoresmooth_jax.certification.certify_job.base_config.
+All keys: scoresmooth_jax.runtime.config_schema.certification_config.
 """
 
-from scoresmooth_jax.certification.certify_job import base_config
+from scoresmooth_jax.runtime import config_schema
 
 
 def get_config(variant: str = ""):
-  config = base_config()
+  config = config_schema.certification_config()
   config.dataset.name = "imagenet2012"
   config.dataset.split = "validation"
   config.dataset.image_size = 256  # shorter side to 256, central crop: the UNet's training size

@@ -22,7 +22,7 @@ training images and evaluated, clean and at sigma, on lossless test images:
       --config.data.name=folder:data/cifar10 --config.data.eval_name=npz:/path/cifar10_test.npz
 """
 
-from scoresmooth_jax.training.train import base_config
+from scoresmooth_jax.runtime import config_schema
 
 FINETUNE_EPOCHS = 4  # at sigma 0.25 the last epoch adds 0.3 points of noisy test accuracy (metrics.jsonl, per epoch)
 _FINETUNE_STEPS_PER_EPOCH = 390  # 50,000 images at batch 128
@@ -30,7 +30,8 @@ _FINETUNE_STEPS_PER_EPOCH = 390  # 50,000 images at batch 128
 
 def get_config(variant: str = ""):
   tiny = variant == "tiny"
-  config = base_config("classifier", "cifar10", (32, 32, 3), random_flip=True, random_crop_padding=4)
+  config = config_schema.training_config("classifier", "cifar10", (32, 32, 3), random_flip=True,
+                                         random_crop_padding=4)
   if variant.startswith("finetune_gaussian_"):
     return _finetune(config, float(variant[len("finetune_gaussian_"):]))
   if variant.startswith("gaussian_"):

@@ -11,12 +11,13 @@ Variants: "" (plain training: the classifier denoised smoothing protects without
 The normalisation constants are the digits training split's pixel mean and standard deviation.
 """
 
-from scoresmooth_jax.training.train import base_config
+from scoresmooth_jax.runtime import config_schema
 
 
 def get_config(variant: str = ""):
   tiny = variant == "tiny"
-  config = base_config("classifier", "digits", (8, 8, 1), random_flip=False)  # a mirrored digit is not a digit
+  # random_flip=False: a mirrored digit is not a digit
+  config = config_schema.training_config("classifier", "digits", (8, 8, 1), random_flip=False)
   if variant.startswith("gaussian_"):
     config.noise_sigma = float(variant[len("gaussian_"):])
   elif variant not in ("", "tiny"):

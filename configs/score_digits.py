@@ -13,14 +13,15 @@ pass must cost ~1.6 MFLOPs per image. sigma spans [0.01, 1.0]: 0.01 is below one
 of structure, 1.0 is the largest smoothing noise evaluated.
 """
 
-from scoresmooth_jax.training.train import base_config
+from scoresmooth_jax.runtime import config_schema
 
 
 def get_config(variant: str = ""):
   if variant not in ("", "tiny"):
     raise ValueError(f"unknown variant {variant!r}: use '' or 'tiny'.")
   tiny = variant == "tiny"
-  config = base_config("score", "digits", (8, 8, 1), random_flip=False)  # a mirrored digit is not a digit
+  # random_flip=False: a mirrored digit is not a digit
+  config = config_schema.training_config("score", "digits", (8, 8, 1), random_flip=False)
   config.model.name = "score_unet"
   config.model.kwargs.update(dict(channels=4 if tiny else 8, channel_mults=(1, 2) if tiny else (1, 2, 4),
                                   num_res_blocks=1, attention_resolutions=(), max_groups=4))

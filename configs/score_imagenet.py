@@ -12,7 +12,7 @@ Denoising must happen at the classifier's input resolution (the smoothing noise 
 six levels 224 -> 7 with self-attention at 28 and 14, 90M parameters.
 """
 
-from scoresmooth_jax.training.train import base_config
+from scoresmooth_jax.runtime import config_schema
 
 
 def get_config(variant: str = ""):
@@ -20,7 +20,7 @@ def get_config(variant: str = ""):
     raise ValueError(f"unknown variant {variant!r}: use '' or 'tiny'.")
   tiny = variant == "tiny"
   size = 32 if tiny else 224
-  config = base_config("score", "imagenet2012", (size, size, 3), random_flip=True)
+  config = config_schema.training_config("score", "imagenet2012", (size, size, 3), random_flip=True)
   config.data.eval_split = "validation"
   config.data.image_size = size  # shorter side resized to this, then a central crop
   config.model.name = "score_unet"

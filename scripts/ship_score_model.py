@@ -1,8 +1,8 @@
 """Ships a trained score model inside the package, with its model card (maintainers' tool).
 
-  .venv/bin/python scripts/ship_score_model.py --workdir workdirs/score_cifar10_long --name cifar10-cpu \
-      --store_dtype=float16 \
-      --command "python scripts/train_score.py --config configs/score_cifar10.py:cpu_long --workdir ..." \
+  .venv/bin/python scripts/ship_score_model.py --workdir workdirs/cifar10_cpu/stage5 --name cifar10-cpu \
+      --store_dtype=float16 --test_npz data/cifar10_test.npz \
+      --command "python scripts/train_score.py --config configs/score_cifar10.py:cpu_stage5 --workdir ..." \
       --data "CIFAR-10 training split, 50,000 images as JPEG (29.90 dB against the originals)"
 
 Reads ``<workdir>/export`` and ``<workdir>/metrics.jsonl``, measures the denoising PSNR table on the lossless

@@ -14,13 +14,13 @@ def test_a_variant_suffix_picks_the_variant_as_on_the_command_line():
 
 
 def test_overrides_apply_to_the_suffixed_variant():
-  config = configs_util.load_config("configs/score_cifar10.py:cpu", train__num_steps=40)
-  assert config.train.num_steps == 40 and config.model.kwargs.channels == 32
+  config = configs_util.load_config("configs/score_cifar10.py:cpu_stage4", train__num_steps=40)
+  assert config.train.num_steps == 40 and config.model.kwargs.attention_resolutions == (8, 16)
 
 
 def test_two_different_variants_are_refused():
-  with pytest.raises(ValueError, match=r"names variant 'accel' and variant='cpu'"):
-    configs_util.load_config("configs/score_cifar10.py:accel", "cpu")
+  with pytest.raises(ValueError, match=r"names variant 'accel' and variant='gpu'"):
+    configs_util.load_config("configs/score_cifar10.py:accel", "gpu")
 
 
 def test_a_missing_file_is_named():

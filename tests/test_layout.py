@@ -90,14 +90,25 @@ def test_no_module_is_longer_than_the_house_limit():
   assert not long, f"split these modules (over {MAX_LINES} lines): {long}"
 
 
+def _loaded_by(code: str) -> list[str]:
+  code += "; import json, sys; print(json.dumps(sorted(sys.modules)))"
+  return json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                   timeout=120, cwd=PACKAGE.parent).stdout)
+
+
 def test_importing_the_package_loads_no_job_subpackage():
-  # `import scoresmooth_jax` is what other JAX code pays for noise / denoise / smoothing; only the mesh comes along.
-  code = "import json, sys, scoresmooth_jax; print(json.dumps(sorted(sys.modules)))"
-  loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                     timeout=120, cwd=PACKAGE.parent).stdout)
+  # The functional API is what other JAX code pays for noise / denoise / smoothing; only the mesh comes along.
+  loaded = _loaded_by("from scoresmooth_jax import denoise, noise, smoothing")
   assert "scoresmooth_jax.runtime.sharding" in loaded
   for package in ("certification", "datasets", "modelio", "models", "training"):
     assert not [m for m in loaded if m.startswith(f"scoresmooth_jax.{package}")], package
+
+
+def test_the_package_itself_imports_nothing_until_its_api_is_used():
+  # configs/ files import runtime.config_schema through the package: that must not load JAX.
+  assert not [m for m in _loaded_by("import scoresmooth_jax") if m.startswith(("jax", "scoresmooth_jax."))]
+  loaded = _loaded_by("import scoresmooth_jax; scoresmooth_jax.smoothing.certify")
+  assert "scoresmooth_jax.smoothing" in loaded and "jax" in loaded
 
 
 def test_the_wheel_finds_every_subpackage_and_the_package_data_is_in_place():

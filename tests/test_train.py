@@ -226,38 +226,45 @@ def test_model_line_names_flops_or_says_xla_gave_none():
   assert "nan" not in line and "no FLOP count" in line and "1,875,891 parameters" in line
 
 
-def test_accel_cifar10_model_ships_within_5_mb():
-  """The :accel network is meant to ship with the package: float16 parameters must stay under 5 MB."""
+def test_cifar10_cpu_stages_train_the_shipped_network_each_from_the_one_before():
+  """The stages of cifar10-cpu: one network (stage 5's, within the 5 MB float16 limit) that gains attention as it
+  goes, each stage a new cosine from the export the docstring's loop left in the stage before's workdir."""
+  last = flat_config("score_cifar10", "cpu_stage5")
+  attention = {1: [], 2: [16], 3: [16], 4: [8, 16], 5: [8, 16]}
+  steps = {1: 10_000, 2: 5000, 3: 5000, 4: 3000, 5: 16_000}
+  for k in range(1, 6):
+    stage = flat_config("score_cifar10", f"cpu_stage{k}")
+    changed = {key for key in last if stage[key] != last[key]}
+    assert set(stage) == set(last) and changed <= {"model.kwargs.attention_resolutions", "train.num_steps",
+                                                   "optim.learning_rate", "optim.warmup_steps", "train.init_from"}
+    assert stage["model.kwargs.attention_resolutions"] == attention[k] and stage["train.num_steps"] == steps[k]
+    assert stage["train.init_from"] == ("" if k == 1 else f"workdirs/cifar10_cpu/stage{k - 1}/export")
+    assert (stage["optim.learning_rate"], stage["optim.warmup_steps"]) == ((2e-3, 100) if k == 1 else (1e-3, 500))
+  assert "--workdir workdirs/cifar10_cpu/stage$k" in (ROOT / "configs" / "score_cifar10.py").read_text()
+  report = train.model_report(load_config("score_cifar10", "cpu_stage5"))
+  assert 2.0e6 < report["params"] and 2 * report["params"] < 5e6
+
+
+def test_accel_cifar10_is_stage_one_network_at_accelerator_batch_and_ships_within_5_mb():
+  stage1, accel = flat_config("score_cifar10", "cpu_stage1"), flat_config("score_cifar10", "accel")
+  assert set(accel) == set(stage1)
+  assert {key.split(".")[0] for key in accel if accel[key] != stage1[key]} == {"data", "optim", "train"}
+  assert accel["data.in_memory"] and not stage1["data.in_memory"]
   report = train.model_report(load_config("score_cifar10", "accel"))
   assert 1e6 < report["params"] and 2 * report["params"] < 5e6
 
 
-def test_long_cpu_cifar10_run_is_the_measured_wide_run_at_the_higher_learning_rate():
-  """docs/cifar10.md compares :cpu_long with the :cpu_wide runs: only the schedule and evaluation may differ."""
-  wide, long = flat_config("score_cifar10", "cpu_wide"), flat_config("score_cifar10", "cpu_long")
-  changed = {key: (wide[key], long[key]) for key in wide if wide[key] != long[key]}
-  assert changed == {"optim.learning_rate": (1e-3, 2e-3), "train.num_steps": (3500, 10_000),
-                     "train.eval_every": (500, 1000), "eval.num_examples": (512, 1017)}
-  assert set(long) == set(wide)
-
-
-def test_cifar10_run_that_continues_the_long_run_changes_only_its_start_and_schedule():
-  """:cpu_long_more starts from the :cpu_long run's export (the workdir its command names), with a new schedule."""
-  long, more = flat_config("score_cifar10", "cpu_long"), flat_config("score_cifar10", "cpu_long_more")
-  changed = {key: (long[key], more[key]) for key in long if long[key] != more[key]}
-  assert changed == {"optim.learning_rate": (2e-3, 1e-3), "optim.warmup_steps": (100, 500),
-                     "train.init_from": ("", "workdirs/score_cifar10_long/export")}
-  assert set(more) == set(long)
-
-
-def test_deep_cifar10_run_is_the_continuation_with_more_blocks_and_ships_within_5_mb():
-  """:cpu_deep is :cpu_long_more's restart of the shipped model, deepened, over a shorter cosine."""
-  more, deep = flat_config("score_cifar10", "cpu_long_more"), flat_config("score_cifar10", "cpu_deep")
-  changed = {key: (more[key], deep[key]) for key in more if more[key] != deep[key]}
-  assert changed == {"model.kwargs.num_res_blocks": (1, [2, 2, 1]), "train.num_steps": (10_000, 5000)}
-  assert set(deep) == set(more)
-  report = train.model_report(load_config("score_cifar10", "cpu_deep"))
-  assert 2.3e6 < report["params"] and 2 * report["params"] < 5e6
+def test_cifar10_ablations_train_and_evaluate_on_the_recipe_data_at_its_batch():
+  """configs/proj/cifar10_cpu: each run compares with the recipe's stage 1 (same data, images and batch)."""
+  stage1 = flat_config("score_cifar10", "cpu_stage1")
+  for variant in ("first", "wide", "more", "deep", "edm"):
+    run = traverse_util.flatten_dict(json.loads(configs_util.load_config(
+        f"configs/proj/cifar10_cpu/ablations.py:{variant}").to_json()), sep=".")
+    for key in [k for k in stage1 if k.startswith("data.")] + ["train.batch_size", "optim.schedule"]:
+      assert run[key] == stage1[key], (variant, key)
+    assert run != stage1, variant
+  report = train.model_report(configs_util.load_config("configs/proj/cifar10_cpu/ablations.py:deep"))
+  assert 2.3e6 < report["params"] < 2.5e6  # the README's 2.40M
 
 
 def test_train_score_script_reports_model(tmp_path):
@@ -269,9 +276,9 @@ def test_train_score_script_reports_model(tmp_path):
   assert not list(tmp_path.iterdir())  # report only: nothing trained or written
 
 
-@pytest.mark.parametrize("variant", ["cpu", "accel"])
+@pytest.mark.parametrize("variant", ["cpu_stage1", "accel"])
 def test_small_cifar10_configs_train_on_an_image_folder(tmp_path, variant):
-  """The :cpu and :accel variants' data path end to end: JPEG folder for training (decoded into memory for
+  """The :cpu_stage1 and :accel variants' data path end to end: JPEG folder for training (decoded into memory for
   :accel), a separate npz for evaluation."""
   from PIL import Image
 
@@ -296,30 +303,12 @@ def test_small_cifar10_configs_train_on_an_image_folder(tmp_path, variant):
   assert train.load_score_fn(tmp_path / "run" / "export").image_shape == (32, 32, 3)
 
 
-def test_preconditioned_cifar10_run_is_the_long_run_with_sigma_data():
-  """docs/cifar10.md compares :cpu_edm's curve with :cpu_long's step for step: only the parametrisation differs."""
-  long, edm = flat_config("score_cifar10", "cpu_long"), flat_config("score_cifar10", "cpu_edm")
-  assert {key: edm[key] for key in edm if long.get(key) != edm[key]} == {"model.kwargs.sigma_data": 0.25}
-  assert set(edm) - set(long) == {"model.kwargs.sigma_data"}
+def test_cifar10_recipe_without_its_evaluation_images_says_where_they_go(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # the recipe's paths are relative: data/cifar10 and data/cifar10_test.npz
+  from PIL import Image
 
-
-def test_attention_cifar10_run_is_the_continuation_with_attention_and_ships_within_5_mb():
-  """:cpu_attn is :cpu_deep's restart with self-attention at 16x16 instead of the added residual blocks."""
-  more, attn = flat_config("score_cifar10", "cpu_long_more"), flat_config("score_cifar10", "cpu_attn")
-  changed = {key: (more[key], attn[key]) for key in more if more[key] != attn[key]}
-  assert changed == {"model.kwargs.attention_resolutions": ([], [16]), "train.num_steps": (10_000, 5000)}
-  assert set(attn) == set(more)
-  report = train.model_report(load_config("score_cifar10", "cpu_attn"))
-  assert 1.9e6 < report["params"] and 2 * report["params"] < 5e6
-
-
-def test_long_attention_cifar10_run_continues_the_8x8_restart_and_ships_within_5_mb():
-  """:cpu_attn_long, the shipped model's last run: :cpu_attn with 8x8 attention added, from the restart that added
-  it (the workdir docs/cifar10.md's command names), over a 16,000-step cosine."""
-  attn, last = flat_config("score_cifar10", "cpu_attn"), flat_config("score_cifar10", "cpu_attn_long")
-  changed = {key: (attn[key], last[key]) for key in attn if attn[key] != last[key]}
-  assert changed == {"model.kwargs.attention_resolutions": ([16], [8, 16]), "train.num_steps": (5000, 16_000),
-                     "train.init_from": ("workdirs/score_cifar10_long/export", "workdirs/score_cifar10_attn816/export")}
-  assert set(last) == set(attn)
-  report = train.model_report(load_config("score_cifar10", "cpu_attn_long"))
-  assert 2.0e6 < report["params"] and 2 * report["params"] < 5e6
+  (tmp_path / "data" / "cifar10" / "train" / "cat").mkdir(parents=True)
+  Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "data" / "cifar10" / "train" / "cat" / "0.jpg")
+  with pytest.raises(FileNotFoundError, match=r"npz:data/cifar10_test\.npz: no file data/cifar10_test\.npz"):
+    train.train_and_evaluate(load_config("score_cifar10", "cpu_stage1"), tmp_path / "run")
+  assert not (tmp_path / "run" / "checkpoints").exists()

@@ -153,9 +153,9 @@ def test_a_run_started_from_an_export_starts_from_its_ema_parameters(tmp_path, c
 
 
 def test_the_shipped_cifar10_model_continues_from_its_float16_parameters_as_float32():
-  """configs/score_cifar10.py:cpu_attn_long (the shipped model's network) with train.init_from=cifar10-cpu needs no
+  """configs/score_cifar10.py:cpu_stage5 (the shipped model's last stage) with train.init_from=cifar10-cpu needs no
   earlier workdir: the shipped float16 parameters, upcast, every one in its place."""
-  config = configs_util.load_config("configs/score_cifar10.py", "cpu_attn_long", train__init_from="cifar10-cpu")
+  config = configs_util.load_config("configs/score_cifar10.py", "cpu_stage5", train__init_from="cifar10-cpu")
   task = train.build_task(config)  # the network train_score.py builds; eval_shape allocates nothing
   like = jax.eval_shape(task.init_variables, jax.random.key(0))["params"]
   got = warm_start.initial_params(config.train.init_from, task.model_name, config.model.kwargs.to_dict(),

@@ -45,63 +45,6 @@ CLASSIFIER_INPUTS = ("none", "center_crop", "resize")
 MODES = ("certify", "predict")
 
 
-def base_config():
-  """The certification config every ``configs/certify_*.py`` starts from (each key is read by ``JobSpec``)."""
-  import ml_collections
-
-  config = ml_collections.ConfigDict()
-  config.mode = "certify"          # certify | predict (scripts/predict.py sets predict)
-  # Multi-host: one process per host, each certifies its own images. Empty values: JAX detects the cluster.
-  config.distributed = ml_collections.ConfigDict(dict(
-      enabled=False, coordinator_address="", num_processes=0, process_id=-1))
-  config.dataset = ml_collections.ConfigDict(dict(
-      name="digits",               # digits | npz:/path.npz | folder:/path (PATH/<split>/<class>/*.jpg) | a tfds name
-      split="test",
-      data_dir="",                 # tfds data_dir ("" for the default)
-      image_size=0,                # resize tfds images to this size (0: as stored)
-      skip=1,                      # Cohen's --skip: every skip-th image
-      max=-1,                      # Cohen's --max: only indices below this (-1: all)
-  ))
-  config.classifier = ml_collections.ConfigDict(dict(
-      path="",                     # a classifier export (training or scripts/convert_torch_classifier.py)
-      compute_dtype="float32",     # float32 | bfloat16 (certify in the precision you deploy)
-      # Fold BatchNorm into the convolutions of a ResNet (12 % faster for ResNet-110 on CPU; the same logits to
-      # float rounding, like a change of batch size). Other networks run as they are.
-      fold_batchnorm=True,
-      # How denoised images reach a classifier trained at another size (e.g. a 256 x 256 diffusion model before a
-      # 224 x 224 ResNet-50): none (sizes must match) | center_crop | resize (PyTorch's interpolate, resize.METHODS,
-      # clipped to [0, 1] or not). After the denoiser, so part of the base classifier (the certificate is for the
-      # dataset-size input).
-      input="none",
-      resize_method="bicubic_antialias",
-      resize_clip=True,
-  ))
-  config.denoiser = ml_collections.ConfigDict(dict(
-      kind="annealed",             # none | one_step | annealed
-      score="",                    # export dir, shipped name, score_sde:<preset>:<ckpt> or openai:<preset>:<pt>
-      sigma_min=denoise.DEFAULT_SIGMA_MIN,  # annealed schedule: geometric from noise.sigma down to sigma_min
-      num_levels=denoise.DEFAULT_NUM_LEVELS,
-      steps_per_level=denoise.DEFAULT_STEPS_PER_LEVEL,
-      relative_step=denoise.DEFAULT_RELATIVE_STEP,  # a_i = relative_step * sigma_i^2
-      # float32 | bfloat16: the score network's compute dtype (parameters stay float32; the noise, the denoiser's
-      # arithmetic and the statistics do not change). bfloat16 runs on GPU / TPU tensor cores.
-      compute_dtype="float32",
-  ))
-  config.noise = ml_collections.ConfigDict(dict(type="gaussian", sigma=0.25))
-  # batch_size is per device per loop step; 0 picks the largest power of two whose sampling step XLA estimates to
-  # fit half the device's memory (batching.auto_batch_size). On a CPU a smaller batch is often faster.
-  config.certify = ml_collections.ConfigDict(dict(n0=100, n=10_000, alpha=0.001, batch_size=1000, seed=0))
-  # Sequential certification (sequential.certify_sequential): certify.n becomes the budget n_max and each image
-  # stops once its answer is settled, with the same guarantee. radius >= 0: decision mode (certified at that
-  # radius, or not). Else radius mode: give the radii you report (e.g. (0.0, 0.25, 0.5)) and each image stops
-  # once more draws could not change at which of them it is certified; max_radius > 0 stops images certified
-  # that far; tolerance >= 0 stops once more draws could add at most that radius (-1: 0 with radii, else 5 % of
-  # the largest radius n draws can certify).
-  config.certify.sequential = ml_collections.ConfigDict(dict(
-      enabled=False, radius=-1.0, radii=(), max_radius=-1.0, tolerance=-1.0, first_look=100))
-  return config
-
-
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
   name: str          # "digits", "npz:/path.npz" or a tfds name

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from scoresmooth_jax.certification import report
+from scoresmooth_jax.runtime import config_schema
 
 PAPER_SIGMAS = (0.12, 0.25, 0.5, 1.0)
 PAPER_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
@@ -89,10 +90,8 @@ def parse_caps(items: Sequence[str]) -> dict[float, int]:
 
 def job_config(row: Row, sigma: float, *, dataset: str, num_images: int, n0: int, n: int, alpha: float,
                batch_size: int, radii: Sequence[float], seed: int = 0):
-  """The certification job (``certify_job.base_config`` keys) of ``row`` at noise level ``sigma``."""
-  from scoresmooth_jax.certification import certify_job
-
-  config = certify_job.base_config()
+  """The certification job (``config_schema.certification_config`` keys) of ``row`` at noise level ``sigma``."""
+  config = config_schema.certification_config()
   config.dataset.name, config.dataset.split = dataset, "test"
   config.dataset.skip, config.dataset.max = 1, num_images
   config.classifier.path = row.classifier_at(sigma)
