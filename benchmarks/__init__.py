@@ -40,22 +40,27 @@ How it measures, and why:
 """
 
 # The modules: ``config`` (what to run), ``measure`` (timing and XLA cost), ``memory`` (peak memory, in a
-# subprocess), ``workbench`` (models with random weights and the timed cases), ``environment`` (backend and CPU),
-# ``stages`` (the ResNet cut into parts), ``agreement`` (bfloat16 vs float32 labels), ``precision`` (the element
-# types XLA compiled the convolutions and dots to), ``sections`` (the rows and ``run_benchmark``), ``report``
-# (Markdown and JSON).
+# subprocess), ``networks`` (models with random weights), ``cases`` (the JAX forward and sample_counts cases),
+# ``torch_case`` (the PyTorch loop), ``train_case`` (the training step), ``workbench`` (every case by its id),
+# ``environment`` (backend and CPU), ``stages`` (the ResNet cut into parts), ``agreement`` (bfloat16 vs float32
+# labels), ``precision`` (the element types XLA compiled the convolutions and dots to), ``sections`` (the rows and
+# ``run_benchmark``), ``report`` (Markdown and JSON). Beside them, the other runs of scripts/benchmark.py:
+# ``openai_rows``, ``vit_rows``, ``gpu_preset`` (with ``preset_rows``, ``jax_rows``, ``torch_peer``), and
+# ``bfloat16_cost`` (scripts/bfloat16_cost.py).
 
 from benchmarks import precision
+from benchmarks.cases import Case
 from benchmarks.config import MIB, TARGETS, BenchmarkConfig, tiny_config
-from benchmarks.environment import cpu_features, environment, xla_cpu_threads
+from benchmarks.environment import cpu_features, environment
 from benchmarks.measure import UNCONTENDED_CORES, Timing, interleaved
 from benchmarks.memory import measure_peak_memory, probe_memory_in_subprocess
+from benchmarks.networks import Networks, calibrate_classifier, random_variables
 from benchmarks.report import markdown_table, write_json
 from benchmarks.sections import VARIANT_LABELS, run_benchmark
-from benchmarks.workbench import Case, Workbench, calibrate_classifier, random_variables
+from benchmarks.workbench import Workbench
 from scoresmooth_jax.runtime.xla_cpu import RECOMMENDED_CPU_XLA_FLAGS  # the flags every CPU script runs with
 
 __all__ = ["precision", "MIB", "RECOMMENDED_CPU_XLA_FLAGS", "TARGETS", "BenchmarkConfig", "tiny_config",
-           "cpu_features", "environment", "xla_cpu_threads", "UNCONTENDED_CORES", "Timing", "interleaved",
+           "cpu_features", "environment", "UNCONTENDED_CORES", "Timing", "interleaved",
            "measure_peak_memory", "probe_memory_in_subprocess", "markdown_table", "write_json", "VARIANT_LABELS",
-           "run_benchmark", "Case", "Workbench", "calibrate_classifier", "random_variables"]
+           "run_benchmark", "Case", "Networks", "Workbench", "calibrate_classifier", "random_variables"]

@@ -25,17 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import draw_rate, preset_rows
+from benchmarks.networks import random_openai_params, random_variables
 from scoresmooth_jax import denoise, noise as noise_lib, smoothing
-from benchmarks import draw_rate, openai_rows, preset_rows
-from benchmarks.workbench import random_variables
 from scoresmooth_jax.certification import certify_job
 from scoresmooth_jax.modelio import classifier as classifier_lib, compute_dtype, export, openai_diffusion
 from scoresmooth_jax.models import resnet, score_unet
 from scoresmooth_jax.runtime import batching
-
-
-def _random_openai_params(preset, seed: int):
-  return openai_rows._random_params(preset, seed)  # pylint: disable=protected-access
 
 
 def build_score_fn(name: str | None, settings: preset_rows.PresetSettings, precision: str):
@@ -44,7 +40,7 @@ def build_score_fn(name: str | None, settings: preset_rows.PresetSettings, preci
     return None
   if name in ("iddpm_cifar10", "adm256"):
     preset = preset_rows.openai_preset(name, settings.toy)
-    score_fn = openai_diffusion.OpenAIScoreFn(preset, _random_openai_params(preset, settings.seed))
+    score_fn = openai_diffusion.OpenAIScoreFn(preset, random_openai_params(preset, settings.seed))
   elif name == preset_rows.SHIPPED_SCORE and not settings.toy:
     score_fn = export.load_score_fn(name)
   elif name == preset_rows.SHIPPED_SCORE:

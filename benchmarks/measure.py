@@ -17,7 +17,8 @@ import numpy as np
 from benchmarks import library_flops
 
 
-def _block(out):
+def block_until_ready(out):
+  """Waits for ``out``'s arrays (JAX dispatches asynchronously); anything else (e.g. PyTorch's) passes through."""
   return jax.block_until_ready(out) if any(isinstance(x, jax.Array) for x in jax.tree.leaves(out)) else out
 
 
@@ -51,13 +52,13 @@ UNCONTENDED_CORES = 0.25  # a call during which other processes used less than t
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> Timing:
   """Runs each function once, then A, B, C, A, B, C, ... ``repeats`` times, timing every call."""
-  outputs = {name: _block(fn()) for name, fn in fns.items()}
+  outputs = {name: block_until_ready(fn()) for name, fn in fns.items()}
   seconds = {name: [] for name in fns}
   others = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
       busy, own, start = _cpu_busy_seconds(), _own_cpu_seconds(), time.perf_counter()
-      outputs[name] = _block(fn())
+      outputs[name] = block_until_ready(fn())
       wall = time.perf_counter() - start
       seconds[name].append(wall)
       if busy is not None:
@@ -65,11 +66,13 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> Timing:
   return Timing(seconds, outputs, {k: (v or None) for k, v in others.items()})
 
 
-def _median(values) -> float:
+def median(values) -> float:
+  """The median of ``values``, in float64."""
   return float(np.median(np.asarray(values, np.float64)))
 
 
-def _spread(values) -> float:
+def spread(values) -> float:
+  """(max - min) / median of ``values``: how much the interleaved calls of one row varied."""
   values = np.asarray(values, np.float64)
   return float((values.max() - values.min()) / np.median(values))
 
@@ -79,13 +82,14 @@ def _cost(compiled) -> dict:
   return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
 
 
-def _flops(compiled) -> float:
+def compiled_flops(compiled) -> float:
   """XLA's cost-analysis FLOPs plus those of the oneDNN convolutions it cannot see (``library_flops``)."""
   flops = float(_cost(compiled).get("flops", float("nan")))
   return flops + library_flops.onednn_convolution_flops(compiled.as_text())
 
 
-def _xla_bytes(compiled) -> int | None:
+def compiled_memory_bytes(compiled) -> int | None:
+  """XLA's estimate of a compiled program's memory: arguments + outputs + temporaries - aliased (None if unknown)."""
   stats = compiled.memory_analysis()
   if stats is None:
     return None

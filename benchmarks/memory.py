@@ -1,5 +1,5 @@
 """Peak memory: each configuration runs again in a fresh subprocess (``probe_memory_in_subprocess``, whose entry
-point is ``_probe_main``), so no earlier row's buffers or caches count. Accelerators:
+point is ``probe_main``), so no earlier row's buffers or caches count. Accelerators:
 ``memory_stats()["peak_bytes_in_use"]``. CPU (where memory_stats is None): the peak RSS (VmHWM) of the measured
 call, after compilation and one warm-up call, with the high-water mark reset through ``/proc/self/clear_refs`` and
 glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``) so freed buffers leave the RSS; reported as growth over
@@ -21,7 +21,7 @@ from typing import Any, Callable
 import jax
 
 from benchmarks.config import BenchmarkConfig
-from benchmarks.measure import _block
+from benchmarks.measure import block_until_ready
 from benchmarks.workbench import Workbench
 
 def _current_rss() -> int:
@@ -53,18 +53,18 @@ def measure_peak_memory(run: Callable[[], Any]) -> dict:
   stats = device.memory_stats() if device.platform != "cpu" else None
   if stats and "peak_bytes_in_use" in stats:
     before = stats.get("bytes_in_use", 0)
-    _block(run())
+    block_until_ready(run())
     peak = device.memory_stats()["peak_bytes_in_use"]
     return {"method": "memory_stats peak_bytes_in_use", "growth_bytes": int(peak - before), "peak_bytes": int(peak)}
   if os.path.exists("/proc/self/statm") and _reset_hwm():
     before = _current_rss()
-    _block(run())
+    block_until_ready(run())
     peak = _hwm()
     return {"method": "VmHWM after clear_refs reset (CPU RSS)", "growth_bytes": int(peak - before),
             "peak_bytes": int(peak)}
   scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
   before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-  _block(run())
+  block_until_ready(run())
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
   return {"method": "ru_maxrss (lifetime peak, compilation included)", "growth_bytes": int(peak - before),
           "peak_bytes": int(peak)}
@@ -76,7 +76,7 @@ def probe_memory_in_subprocess(config: BenchmarkConfig, case_id: str, timeout: f
   env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # fixed threshold: big buffers are mmapped and unmapped when freed
   repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is beside scoresmooth_jax/
   env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
-  code = "import sys; from benchmarks import memory; memory._probe_main(sys.argv[1], sys.argv[2])"
+  code = "import sys; from benchmarks import memory; memory.probe_main(sys.argv[1], sys.argv[2])"
   try:
     done = subprocess.run([sys.executable, "-c", code, json.dumps(dataclasses.asdict(config)), case_id],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=repo_root)
@@ -89,11 +89,11 @@ def probe_memory_in_subprocess(config: BenchmarkConfig, case_id: str, timeout: f
   return json.loads(lines[-1])
 
 
-def _probe_main(config_json: str, case_id: str) -> None:
+def probe_main(config_json: str, case_id: str) -> None:
   """Entry point of the memory subprocess: prints one JSON line."""
   config = BenchmarkConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(config_json).items()})
   bench = Workbench(config, calibrate=False, measure_flops=False)
   case = bench.case(case_id)
-  _block(case.warmup())
+  block_until_ready(case.warmup())
   result = measure_peak_memory(case.run)
   print(json.dumps({**result, "devices": jax.device_count()}), flush=True)

@@ -32,31 +32,6 @@ MODES = ("constants", "arguments")
 DEFAULT_BATCH = {"cifar10_uncond_50M_500K": 4, "256x256_diffusion_uncond": 1}
 
 
-def _random_params(preset, seed: int = 0):
-  """Random weights of the preset's shapes without compiling ``init`` (slow for 550M parameters): kernels
-  N(0, 1 / fan_in) so activations stay finite, norms' scales 1, biases 0."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from flax import traverse_util
-
-  from scoresmooth_jax.modelio import openai_diffusion
-
-  rng = np.random.default_rng(seed)
-  flat = traverse_util.flatten_dict(openai_diffusion.expected_params(preset))
-  out = {}
-  for path, shape in flat.items():
-    if path[-1] == "kernel":
-      fan_in = int(np.prod(shape.shape[:-1]))
-      value = rng.standard_normal(shape.shape, dtype=np.float32) / np.float32(np.sqrt(fan_in))
-    elif path[-1] == "scale":
-      value = np.ones(shape.shape, np.float32)
-    else:
-      value = np.zeros(shape.shape, np.float32)
-    out[path] = jnp.asarray(value)
-  return traverse_util.unflatten_dict(out)
-
-
 def _hwm_bytes() -> int:
   with open("/proc/self/status") as f:
     for line in f:
@@ -102,20 +77,20 @@ def measure_row(preset_name: str, weights: str, batch_size: int, sigma: float = 
   from scoresmooth_jax.certification import certify_job
   from scoresmooth_jax.modelio import openai_diffusion
   from benchmarks.config import BenchmarkConfig
-  from benchmarks.workbench import Workbench
+  from benchmarks.networks import Networks, random_openai_params
 
   cap = rss_cap_gib if rss_cap_gib is not None else float(os.environ.get("SCORESMOOTH_BENCH_RSS_CAP_GIB", "inf"))
   if cap != float("inf"):
     _watch_rss(cap * 2**30, {"preset": preset_name, "weights": weights, "batch_size": batch_size})
   preset = openai_diffusion.get_preset(preset_name)
-  score_fn = openai_diffusion.OpenAIScoreFn(preset, _random_params(preset))
+  score_fn = openai_diffusion.OpenAIScoreFn(preset, random_openai_params(preset))
   params = int(sum(p.size for p in jax.tree.leaves(score_fn.params)))
-  bench = Workbench(BenchmarkConfig(ncsnpp=False, calibrate=False), calibrate=False, measure_flops=False)
+  nets = Networks(BenchmarkConfig(ncsnpp=False, calibrate=False), calibrate=False)
   if preset.image_shape == (32, 32, 3):
-    clf = bench.classifier("f32_folded")
+    clf = nets.classifier("f32_folded")
     fit = lambda z: z  # noqa: E731
   else:
-    clf = bench.imagenet_classifier("f32_folded")
+    clf = nets.imagenet_classifier("f32_folded")
     fit = functools.partial(certify_job.fit_images, shape=tuple(clf.image_shape), how="center_crop")
 
   def base_classifier(y):

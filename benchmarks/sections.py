@@ -14,16 +14,18 @@ from typing import Callable
 import jax
 import numpy as np
 
-from scoresmooth_jax import smoothing
-from benchmarks import torch_baseline
-from scoresmooth_jax.runtime import batching
-from benchmarks.config import MIB, TARGETS, BenchmarkConfig
-from benchmarks.environment import environment, xla_cpu_threads
-from benchmarks import precision, stages
+from benchmarks import precision, stages, torch_baseline
 from benchmarks.agreement import fixture_agreement, labels_agreement
-from benchmarks.measure import UNCONTENDED_CORES, Timing, _flops, _median, _spread, interleaved
+from benchmarks.cases import Case
+from benchmarks.config import MIB, TARGETS, BenchmarkConfig
+from benchmarks.environment import environment
+from benchmarks.measure import UNCONTENDED_CORES, Timing, compiled_flops, interleaved, median, spread
 from benchmarks.memory import probe_memory_in_subprocess
-from benchmarks.workbench import Case, Workbench
+from benchmarks.workbench import Workbench
+from scoresmooth_jax import smoothing
+from scoresmooth_jax.runtime import batching
+from scoresmooth_jax.runtime.xla_cpu import xla_cpu_threads
+
 
 def _row(row_id: str, description: str, case: Case | None, timing: Timing | None = None, name: str | None = None,
          **extra) -> dict:
@@ -35,13 +37,13 @@ def _row(row_id: str, description: str, case: Case | None, timing: Timing | None
          "uncontended_repeats": None, "compute_types": None, "note": ""}
   if case is not None and timing is not None:
     seconds, others = timing.seconds[name or row_id], timing.others_cores[name or row_id]
-    rate = case.samples / _median(seconds)
+    rate = case.samples / median(seconds)
     quiet = [t for t, o in zip(seconds, others or ()) if o < UNCONTENDED_CORES]
-    row.update(contention_cores=None if others is None else _median(others), uncontended_repeats=len(quiet),
-               uncontended_samples_per_s=case.samples / _median(quiet) if quiet else None)
+    row.update(contention_cores=None if others is None else median(others), uncontended_repeats=len(quiet),
+               uncontended_samples_per_s=case.samples / median(quiet) if quiet else None)
     row.update(batch_size=case.batch_size, samples_per_call=case.samples, samples_per_s=rate,
                best_samples_per_s=case.samples / min(seconds),
-               spread=_spread(seconds), flops_per_sample=case.flops_per_sample, flops_source=case.flops_source,
+               spread=spread(seconds), flops_per_sample=case.flops_per_sample, flops_source=case.flops_source,
                achieved_flops_per_s=rate * case.flops_per_sample, compile_seconds=case.compile_seconds,
                xla_memory_bytes=case.xla_bytes, compute_types=case.compute_types)
   row.update(extra)
@@ -81,7 +83,7 @@ class _Results:
     return next(r for r in self.rows if r["id"] == row_id)
 
   def rate(self, case_id: str, timing: Timing, name: str | None = None) -> float:
-    return self.bench.case(case_id).samples / _median(timing.seconds[name or case_id])
+    return self.bench.case(case_id).samples / median(timing.seconds[name or case_id])
 
 
 def _classifier_section(res: _Results) -> None:
@@ -123,10 +125,10 @@ def _torch_section(res: _Results) -> None:
   num = bench.case("torch.f32").samples
   fns = {t: bench.case(t).run for t in torch_ids}
   for v in cfg.classifier_variants:
-    clf = bench.classifier(v)
+    clf = bench.nets.classifier(v)
     fns[f"jax.{v}"] = (lambda clf=clf: smoothing.sample_counts(
-        clf, bench.image, bench.nz, num, jax.random.key(cfg.seed + 11), num_classes=cfg.num_classes,
-        batch_size=cfg.batch_size, mesh=bench.mesh))
+        clf, bench.inputs.image, bench.inputs.nz, num, jax.random.key(cfg.seed + 11), num_classes=cfg.num_classes,
+        batch_size=cfg.batch_size, mesh=bench.inputs.mesh))
   timing = interleaved(fns, max(3, cfg.repeats - 1))
   for t, n in zip(torch_ids, (threads["torch_intra_op_threads"], 1)):
     res.rows.append(_row(t, f"PyTorch eager MC loop, ResNet-{cfg.depth}, float32 NCHW, {n} thread(s)",
@@ -196,9 +198,9 @@ def _parts_section(res: _Results) -> None:
   if not cfg.parts:
     return
   res.log("parts: the ResNet's stages on their own, JAX and PyTorch")
-  clf = bench.classifier("f32_folded")
-  batch = cfg.batch_size * bench.devices
-  images = bench.noisy_batch(cfg.batch_size)
+  clf = bench.nets.classifier("f32_folded")
+  batch = cfg.batch_size * bench.inputs.devices
+  images = bench.inputs.noisy_batch(cfg.batch_size)
   jax_fns = stages.jax_parts(clf)
   jax_inputs, logits = stages.run_parts(jax_fns, images)
   error = stages.check_composition(logits, clf, images, atol=1e-3)
@@ -208,13 +210,13 @@ def _parts_section(res: _Results) -> None:
     x = jax_inputs[part]
     fns[f"parts.jax.{part}"] = lambda compiled=compiled, x=x: compiled(x)
     cases[f"parts.jax.{part}"] = Case(run=None, warmup=None, samples=batch, batch_size=cfg.batch_size,
-                                      flops_per_sample=_flops(compiled) / cfg.batch_size,
+                                      flops_per_sample=compiled_flops(compiled) / cfg.batch_size,
                                       flops_source="XLA cost analysis")
   have_torch = cfg.torch and res.env["torch"] is not None
   if have_torch:
     torch = torch_baseline.import_torch()
     torch_baseline.configure_threads(xla_cpu_threads())
-    torch_fns = stages.torch_parts(bench.torch_model())
+    torch_fns = stages.torch_parts(bench.nets.torch_model())
     nchw = torch.from_numpy(np.asarray(images, np.float32).transpose(0, 3, 1, 2).copy())
     torch_inputs, _ = stages.run_parts(torch_fns, nchw)
     for part in stages.PARTS:
@@ -242,18 +244,18 @@ def _agreement_section(res: _Results) -> None:
   agreement = {"same_key_counts_total_variation": tv(counts["f32_folded"], counts["bf16_folded"])
                                                   if {"f32_folded", "bf16_folded"} <= set(counts) else None}
   rng = np.random.default_rng(cfg.seed + 3)
-  images = [np.asarray(bench.image)] + [rng.uniform(size=cfg.image_shape).astype(np.float32)
+  images = [np.asarray(bench.inputs.image)] + [rng.uniform(size=cfg.image_shape).astype(np.float32)
                                         for _ in range(cfg.agreement_images - 1)]
   batch = min(cfg.agreement_draws, cfg.batch_size)
   weights = "random weights with calibrated BatchNorm" if cfg.calibrate else "random weights (uncalibrated)"
   agreement["random_resnet"] = {
       "classifier": f"ResNet-{cfg.depth}, {weights}, BN folded", "images": len(images),
-      **labels_agreement(bench.classifier("f32_folded"), bench.classifier("bf16_folded"), images, bench.nz,
-                         cfg.agreement_draws, batch, jax.random.key(cfg.seed))}
-  agreement["folded_vs_unfolded"] = labels_agreement(bench.classifier("f32"), bench.classifier("f32_folded"),
-                                                     images[:1], bench.nz, cfg.agreement_draws, batch,
+      **labels_agreement(bench.nets.classifier("f32_folded"), bench.nets.classifier("bf16_folded"), images,
+                         bench.inputs.nz, cfg.agreement_draws, batch, jax.random.key(cfg.seed))}
+  agreement["folded_vs_unfolded"] = labels_agreement(bench.nets.classifier("f32"), bench.nets.classifier("f32_folded"),
+                                                     images[:1], bench.inputs.nz, cfg.agreement_draws, batch,
                                                      jax.random.key(cfg.seed))
-  fixture = fixture_agreement(cfg, bench.nz, res.log)
+  fixture = fixture_agreement(cfg, bench.inputs.nz, res.log)
   if fixture is not None:
     agreement["trained_resnet20"] = fixture
   primary = agreement.get("trained_resnet20", agreement["random_resnet"])
@@ -280,7 +282,7 @@ def _one_step_section(res: _Results) -> None:
   res.log("c: NCSN++ (cifar10_ncsnpp_continuous, random weights) one-step + classifier")
   raw_id, counts_id = "c.ncsnpp_raw", "c.ncsnpp_counts"
   timing = interleaved({n: bench.case(n).run for n in (raw_id, counts_id)}, max(1, cfg.repeats // 2))
-  params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(bench.ncsnpp_score_fn().params)))
+  params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(bench.nets.ncsnpp_score_fn().params)))
   raw, counts = bench.case(raw_id), bench.case(counts_id)
   res.rows.append(_row(raw_id, f"(c) one-step NCSN++ ({params / 1e6:.1f}M params) + {depth}, forward", raw, timing))
   res.rows.append(_row(counts_id, f"(c) one-step NCSN++ + {depth} in sample_counts, n={counts.samples}", counts,
@@ -302,7 +304,7 @@ def _annealed_section(res: _Results) -> None:
   names = ("d.counts", "d.raw", "d.score", "d.classifier")
   timing = interleaved({n: bench.case(n).run for n in names}, max(2, cfg.repeats - 2))
   # Seconds per sample per device, from the medians.
-  per_sample = {n: _median(timing.seconds[n]) / (bench.case(n).samples / bench.devices) for n in names}
+  per_sample = {n: median(timing.seconds[n]) / (bench.case(n).samples / bench.inputs.devices) for n in names}
   evaluations = cfg.levels * cfg.steps_per_level
   expected = evaluations * per_sample["d.score"] + per_sample["d.classifier"]
   unet, depth, anneal = _unet_name(cfg), f"ResNet-{cfg.depth}", f"L={cfg.levels} x T={cfg.steps_per_level}"
@@ -345,7 +347,7 @@ def _auto_batch_section(res: _Results) -> None:
   """The batch size ``batching`` picks for the folded float32 classifier within the configured budget."""
   bench, cfg = res.bench, res.bench.config
   res.log("auto batch size")
-  choice = batching.choose_batch_size(bench.classifier("f32_folded"), cfg.image_shape, cfg.auto_budget_mib * MIB)
+  choice = batching.choose_batch_size(bench.nets.classifier("f32_folded"), cfg.image_shape, cfg.auto_budget_mib * MIB)
   res.extra["auto_batch_size"] = {
       **dataclasses.asdict(choice),
       "estimated_bytes_at_benchmark_batch": choice.fixed_bytes + choice.bytes_per_sample * cfg.batch_size}

@@ -49,14 +49,14 @@ def vit_rows(batch_size: int = DEFAULT_BATCH, repeats: int = 3, log=print) -> li
 
   from scoresmooth_jax import denoise, noise, resize, smoothing
   from benchmarks import measure
-  from benchmarks.openai_rows import _random_params
+  from benchmarks.networks import random_openai_params
   from scoresmooth_jax.modelio import openai_diffusion
 
   devices = jax.device_count()
   per_call = batch_size * devices
   clf = vit_b16_classifier()
   preset = openai_diffusion.get_preset("cifar10_uncond_50M_500K")
-  score_fn = openai_diffusion.OpenAIScoreFn(preset, _random_params(preset))
+  score_fn = openai_diffusion.OpenAIScoreFn(preset, random_openai_params(preset))
   rng = np.random.default_rng(0)
 
   def pipeline(fn, y):  # the score function as an argument, so that the cost analysis holds no weight constants

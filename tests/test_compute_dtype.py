@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.extend import core as jex_core
 
-from benchmarks.workbench import random_variables
+from benchmarks.networks import random_variables
 from scoresmooth_jax import denoise
 from scoresmooth_jax.modelio import compute_dtype, export, openai_diffusion, pretrained
 from scoresmooth_jax.models import ncsnpp, openai_unet, score_unet

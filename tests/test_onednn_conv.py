@@ -199,7 +199,7 @@ def test_library_flops_count_convolutions_as_xla_does(stride, with_residual):
   # XLA's own count for the convolution (padding taps excluded) plus the fused elementwise ops; XLA fuses the
   # residual add differently, so that one may differ by one op per output element.
   outputs = 3 * ((9 + 2 - 3) // stride + 1) ** 2 * 8
-  flops = measure._flops  # pylint: disable=protected-access
+  flops = measure.compiled_flops
   assert abs(flops(onednn) - flops(xla)) <= (outputs if with_residual else 0)
   assert flops(onednn) > 2 * outputs * 4 * 4  # at least 4 taps of 4 channels each
 
