@@ -6,7 +6,8 @@ noisy samples and returns only when they are counted (``smoothing.sample_counts`
   1. ``count(draws_per_round)`` twice: the first call compiles (XLA, torch.compile) and runs one round, the second
      is one steady round; compile_s is their difference.
   2. ``repeats`` timed calls of k rounds each, k chosen so that a call takes about ``target_s`` (at least one
-     round), and never more than what is left before ``deadline`` (``time.monotonic()`` seconds); draws_per_s is
+     round), and never more than what is left before ``deadline`` (in ``clock``'s seconds, by default
+     ``time.monotonic()``, which every timing here uses); draws_per_s is
      the median over those calls. When not even one timed call fits, the steady round's rate is reported and
      ``timed_calls`` is 0.
 """
@@ -21,25 +22,25 @@ import numpy as np
 
 
 def time_draws(count: Callable[[int], Any], draws_per_round: int, target_s: float, repeats: int,
-               deadline: float = math.inf) -> dict:
+               deadline: float = math.inf, clock: Callable[[], float] = time.monotonic) -> dict:
   """{"compile_s", "round_s", "rounds_per_call", "timed_calls", "draws_per_s", "spread"} (module docstring)."""
-  start = time.perf_counter()
+  start = clock()
   count(draws_per_round)
-  first = time.perf_counter() - start
-  start = time.perf_counter()
+  first = clock() - start
+  start = clock()
   count(draws_per_round)
-  round_s = max(time.perf_counter() - start, 1e-9)
+  round_s = max(clock() - start, 1e-9)
   rounds = max(1, math.ceil(target_s / round_s))
   rates = []
   for _ in range(repeats):
-    left = deadline - time.monotonic()
+    left = deadline - clock()
     if left < 1.5 * round_s * rounds + 1.0:  # would run into the deadline: fewer rounds, or none
       rounds = int((left - 1.0) / (1.5 * round_s))
       if rounds < 1:
         break
-    start = time.perf_counter()
+    start = clock()
     count(rounds * draws_per_round)
-    rates.append(rounds * draws_per_round / (time.perf_counter() - start))
+    rates.append(rounds * draws_per_round / (clock() - start))
   if rates:
     median = float(np.median(rates))
     rate, spread = median, float((max(rates) - min(rates)) / median)

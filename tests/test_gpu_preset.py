@@ -6,7 +6,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -41,14 +40,32 @@ def test_peaks_by_device_kind_and_mfu():
   assert accelerators.mfu(15.7e9, 10_000, None) is None and accelerators.mfu(float("nan"), 1.0, 989.0) is None
 
 
+class _FakeClock:
+  """A clock that only the counting loop advances: a known rate, whatever else the machine is doing."""
+
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self):
+    return self.now
+
+
 def test_draw_rate_of_a_known_loop_and_at_a_passed_deadline():
-  per_draw = 2e-4
-  count = lambda num: time.sleep(num * per_draw)
-  timing = draw_rate.time_draws(count, 50, target_s=0.05, repeats=3)
-  assert timing["timed_calls"] == 3 and timing["rounds_per_call"] >= 4
-  assert timing["draws_per_s"] == pytest.approx(1 / per_draw, rel=0.3)
-  late = draw_rate.time_draws(count, 50, target_s=0.05, repeats=3, deadline=time.monotonic() - 1.0)
-  assert late["timed_calls"] == 0 and late["draws_per_s"] == pytest.approx(1 / per_draw, rel=0.3)
+  per_draw, compile_s = 2.0**-12, 2.0  # binary fractions: the fake times add up exactly
+  clock, calls = _FakeClock(), []
+
+  def count(num):
+    clock.now += num * per_draw + (compile_s if not calls else 0.0)  # the first call also compiles
+    calls.append(num)
+
+  timing = draw_rate.time_draws(count, 50, target_s=0.05, repeats=3, clock=clock)
+  # one steady round takes 50 / 4096 = 0.0122 s, so 5 rounds make the 0.05 s target
+  assert calls == [50, 50, 250, 250, 250]
+  assert timing["timed_calls"] == 3 and timing["rounds_per_call"] == 5 and timing["spread"] == pytest.approx(0.0)
+  assert timing["draws_per_s"] == pytest.approx(1 / per_draw) and timing["compile_s"] == pytest.approx(compile_s)
+  clock, calls = _FakeClock(), []
+  late = draw_rate.time_draws(count, 50, target_s=0.05, repeats=3, deadline=clock.now - 1.0, clock=clock)
+  assert late["timed_calls"] == 0 and late["draws_per_s"] == pytest.approx(1 / per_draw)
 
 
 def test_the_memory_estimate_counts_lifted_weights_once():
