@@ -1,4 +1,4 @@
-"""Ships a trained score model inside the package, with its model card (maintainers' tool).
+"""Ships a trained score model inside the package (or to --out_dir), with its model card.
 
   .venv/bin/python scripts/ship_score_model.py --workdir workdirs/cifar10_cpu/stage5 --name cifar10-cpu \
       --store_dtype=float16 --test_npz data/cifar10_test.npz \
