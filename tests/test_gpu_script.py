@@ -98,10 +98,12 @@ def test_toy_gpu_run_ships_an_int8_model_whose_card_is_the_stored_copys(tmp_path
   again = evaluate.denoising_psnr(score_fn, images, sigmas, jax.random.key(0), annealed=False)
   # The same noise and network (to XLA flags' rounding, 1e-7 dB here) ...
   assert {s: v["one_step"] for s, v in again.items()} == pytest.approx(on_card, abs=1e-5)
-  # ... which is not the full-precision one: int8 costs this toy model 1e-3 dB at sigma 0.25.
-  unrounded = evaluate.denoising_psnr(export.load_score_fn(work / "run" / "export"), images, [0.25],
-                                      jax.random.key(0), annealed=False)
-  assert abs(unrounded[0.25]["one_step"] - on_card[0.25]) > 1e-4
+  # ... which is not the full-precision one: int8 rounds the kernels (by how much PSNR shows depends on how far
+  # the toy model trained, which the probe decides from the machine's speed, so the parameters are compared).
+  full = export.load_score_fn(work / "run" / "export").params
+  assert jax.tree.structure(full) == jax.tree.structure(score_fn.params)
+  assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+             for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(score_fn.params))) > 0
   # ... and its one-step output is that of the file's int8 codes times their scales.
   with np.load(out / "cifar10.npz") as arrays:
     stored = {k: arrays[k] for k in arrays.files}
