@@ -46,15 +46,26 @@ DEFAULT_RELATIVE_STEP = 0.5
 DEFAULT_STEPS_PER_LEVEL = 3
 
 
-def _per_example(sigma, y: jax.Array) -> jax.Array:
-  """Reshapes a scalar or per-example sigma so it broadcasts against the batch ``y``."""
+def sigma_per_example(sigma, y: jax.Array) -> jax.Array:
+  """``sigma`` (a scalar or one value per example) as a [B] vector in y's dtype, for the batch ``y`` [B, ...].
+
+  Every score function that takes a scalar or per-example sigma checks it here (the score models' wrappers too).
+  """
+  sigma = jnp.asarray(sigma, y.dtype)
+  if sigma.ndim == 0:
+    return jnp.broadcast_to(sigma, (y.shape[0],))
+  if sigma.shape != (y.shape[0],):
+    raise ValueError(f"sigma has shape {sigma.shape}; pass a scalar or one sigma per example "
+                     f"(shape ({y.shape[0]},)) for a batch of shape {y.shape}.")
+  return sigma
+
+
+def _broadcastable(sigma, y: jax.Array) -> jax.Array:
+  """A scalar sigma as it is, a per-example one reshaped to broadcast against the batch ``y``."""
   sigma = jnp.asarray(sigma, y.dtype)
   if sigma.ndim == 0:
     return sigma
-  if sigma.ndim != 1 or sigma.shape[0] != y.shape[0]:
-    raise ValueError(f"sigma has shape {sigma.shape}; pass a scalar or one sigma per example "
-                     f"(shape ({y.shape[0]},)) for a batch of shape {y.shape}.")
-  return sigma.reshape((-1,) + (1,) * (y.ndim - 1))
+  return sigma_per_example(sigma, y).reshape((-1,) + (1,) * (y.ndim - 1))
 
 
 def one_step(score_fn: ScoreFn, y: jax.Array, sigma) -> jax.Array:
@@ -68,7 +79,7 @@ def one_step(score_fn: ScoreFn, y: jax.Array, sigma) -> jax.Array:
   Returns:
     The posterior-mean estimate of the clean batch, shaped like ``y``.
   """
-  return y + _per_example(sigma, y) ** 2 * score_fn(y, sigma)
+  return y + _broadcastable(sigma, y) ** 2 * score_fn(y, sigma)
 
 
 def check_trained_range(score_fn, sigmas, what: str = "sigma", source: str = "") -> None:

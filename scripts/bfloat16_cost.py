@@ -50,14 +50,14 @@ def main(argv):
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   from benchmarks import bfloat16_cost  # pylint: disable=import-outside-toplevel
-  from scoresmooth_jax.certification import certify_job  # pylint: disable=import-outside-toplevel
+  from scoresmooth_jax.modelio import score_models  # pylint: disable=import-outside-toplevel
 
   with np.load(_IMAGES.value, allow_pickle=False) as data:
     images, labels = data["images"].astype(np.float32) / 255.0, data["labels"]
   if _NUM_IMAGES.value:
     images, labels = images[:_NUM_IMAGES.value], labels[:_NUM_IMAGES.value]
   sigmas = [float(s) for s in _SIGMAS.value]
-  score_fn = certify_job.load_score(_SCORE.value)
+  score_fn = score_models.load_score(_SCORE.value)
   key = jax.random.key(_SEED.value)
   results = {"score": _SCORE.value, "images": len(images), "sigmas": sigmas, "seed": _SEED.value,
              "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind}

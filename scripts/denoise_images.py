@@ -13,9 +13,10 @@ import jax
 from absl import flags
 
 from scoresmooth_jax import denoise, noise
-from scoresmooth_jax.certification import certify_job, figures
+from scoresmooth_jax.certification import figures
 from scoresmooth_jax.datasets import data
 from scoresmooth_jax.runtime import cli, xla_cpu
+from scoresmooth_jax.modelio import score_models
 
 _SCORE = flags.DEFINE_string("score", None, "Score model: export directory, score_sde:<preset>:<path> or "
                              "openai:<preset>:<path.pt>.")
@@ -37,7 +38,7 @@ flags.mark_flag_as_required("score")
 def main(argv):
   del argv
   xla_cpu.apply_recommended_cpu_flags()  # before the first computation starts JAX's backend
-  score_fn = certify_job.load_score(_SCORE.value)
+  score_fn = score_models.load_score(_SCORE.value)
   source = data.get_source(_DATASET.value, _SPLIT.value, image_size=_IMAGE_SIZE.value)
   images = np.stack([source[i][0] for i in range(_NUM_IMAGES.value)])
   noises = [noise.make(name, _SIGMA.value) for name in _NOISES.value]

@@ -20,6 +20,7 @@ from scoresmooth_jax.datasets import data
 from scoresmooth_jax.runtime import cli, xla_cpu
 from scoresmooth_jax.runtime.configs_util import load_config
 from scoresmooth_jax.training import train
+from scoresmooth_jax.modelio import score_models
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/quickstart", "Where models, records and plots go.")
 _SIGMAS = flags.DEFINE_list("sigmas", ["0.25", "0.5"], "Noise levels to certify at.")
@@ -111,7 +112,7 @@ def main(argv):
                 root / f"curves_sigma{sigma:g}.png", title=f"digits, {_NUM_IMAGES.value} test images, sigma={sigma:g}")
   source = data.get_source("digits", "test")
   images = jax.numpy.stack([source[i][0] for i in range(3)])
-  rows = figures.denoising_rows(certify_job.load_score(score), images,
+  rows = figures.denoising_rows(score_models.load_score(score), images,
                                 [noise.make(t, 0.5) for t in ("gaussian", "laplace", "uniform")], jax.random.key(0))
   figures.save_grid(rows, root / "denoising.png")
   budget = (f"n {'up to ' if _SEQUENTIAL.value else ''}{_N.value} ({_ANNEALED_N.value} annealed, L={_LEVELS.value}, "

@@ -18,6 +18,7 @@ from scoresmooth_jax.certification import certify_job, records, report
 from scoresmooth_jax.modelio import checkpoint, classifier, export
 from scoresmooth_jax.runtime import batching
 from scoresmooth_jax.runtime.configs_util import load_config
+from scoresmooth_jax.modelio import score_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCORE_KWARGS = dict(channels=4, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(), max_groups=4)
@@ -210,13 +211,13 @@ def test_tiny_variants_of_the_dataset_configs_run_under_mock_data(tmp_path, conf
   assert [r["idx"] for r in recs] == [0, 1] and report.check(recs) == []
 
 
-def test_score_sde_specs_go_to_the_pretrained_loader(monkeypatch):
+def test_score_specs_go_to_their_loaders(monkeypatch):
   from scoresmooth_jax.modelio import pretrained
   seen = []
   monkeypatch.setattr(pretrained, "load_score_sde_from_spec",
                       lambda spec, compute_dtype: (seen.append((spec, compute_dtype)) or "fn", 0.01, 50.0))
-  assert certify_job.load_score("score_sde:cifar10_ncsnpp_continuous:/ckpt/checkpoint_26") == "fn"
-  assert certify_job.load_score("score_sde:cifar10_ncsnpp_continuous:/ckpt/checkpoint_26", "bfloat16") == "fn"
+  assert score_models.load_score("score_sde:cifar10_ncsnpp_continuous:/ckpt/checkpoint_26") == "fn"
+  assert score_models.load_score("score_sde:cifar10_ncsnpp_continuous:/ckpt/checkpoint_26", "bfloat16") == "fn"
   assert seen == [("score_sde:cifar10_ncsnpp_continuous:/ckpt/checkpoint_26", "float32"),
                   ("score_sde:cifar10_ncsnpp_continuous:/ckpt/checkpoint_26", "bfloat16")]
 
@@ -307,5 +308,5 @@ def test_a_bfloat16_denoiser_writes_the_records_of_a_float32_one(tmp_path, digit
     certify_job.run_certification(config("bfloat16"), tmp_path / "f32")
   with pytest.raises(ValueError, match=r"denoiser.compute_dtype='float16': choose one of"):
     certify_job.build_job(config("float16"))
-  score = certify_job.load_score(digits_models[1], "bfloat16")  # the loaders take the choice too
+  score = score_models.load_score(digits_models[1], "bfloat16")  # the loaders take the choice too
   assert score.module.dtype == jnp.bfloat16 and all(p.dtype == jnp.float32 for p in jax.tree.leaves(score.params))

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from scoresmooth_jax import denoise
-from scoresmooth_jax.certification import certify_job
+from scoresmooth_jax import denoise, resize
 from scoresmooth_jax.modelio import openai_diffusion as od
 from scoresmooth_jax.modelio.pretrained import PretrainedError
+from scoresmooth_jax.modelio import score_models
 
 PARITY_TOL = 1e-4  # the bound on max |JAX - PyTorch| of the raw network output
 
@@ -38,7 +38,7 @@ def torch_state(fixtures_dir):
 def test_unet_reproduces_pytorch(fixtures_dir, torch_state, name, monkeypatch):
   preset, num_params = fixture_preset(fixtures_dir, name)
   monkeypatch.setitem(od.PRESETS, name, preset)
-  score_fn = certify_job.load_score(f"openai:{name}:{fixtures_dir / (name + '.pt')}")
+  score_fn = score_models.load_score(f"openai:{name}:{fixtures_dir / (name + '.pt')}")
   assert isinstance(score_fn, od.OpenAIScoreFn) and score_fn.image_shape == preset.image_shape
   assert sum(p.size for p in jax.tree.leaves(score_fn.params)) == num_params
   io = np.load(fixtures_dir / f"{name}_io.npz")
@@ -183,11 +183,11 @@ def test_trained_range_and_denoiser_wiring():
 
 def test_classifier_input_fits_after_the_denoiser():
   images = jnp.arange(2 * 8 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 8, 3) / 384.0
-  crop = certify_job.fit_images(images, (6, 6, 3), "center_crop")
+  crop = resize.fit_images(images, (6, 6, 3), "center_crop")
   np.testing.assert_array_equal(crop, images[:, 1:7, 1:7])
-  resized = certify_job.fit_images(images, (4, 4, 3), "resize")
+  resized = resize.fit_images(images, (4, 4, 3), "resize")
   assert resized.shape == (2, 4, 4, 3) and float(resized.min()) >= 0 and float(resized.max()) <= 1
-  assert certify_job.fit_images(images, (8, 8, 3), "resize") is images
+  assert resize.fit_images(images, (8, 8, 3), "resize") is images
 
 
 # ---- large weights enter the sampling program as arguments -------------------------------------------------

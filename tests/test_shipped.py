@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from scoresmooth_jax import models
-from scoresmooth_jax.certification import certify_job
 from scoresmooth_jax.datasets import data
 from scoresmooth_jax.modelio import checkpoint, export
 from scoresmooth_jax.training import evaluate
+from scoresmooth_jax.modelio import score_models
 
 SHIPPED = "cifar10-cpu"
 
@@ -93,7 +93,7 @@ def test_every_shipped_model_reproduces_its_card(fixtures_dir, name):
   """Guards the file and the loader: one-step PSNR on 64 real test images at sigma 0.25, as the card says."""
   assert SHIPPED in export.shipped_names()
   assert (export.shipped_dir() / f"{name}.npz").stat().st_size <= MAX_MIB.get(name, 16) * 2**20
-  score_fn = certify_job.load_score(name)  # the job's loader and export.load_score_fn agree on short names
+  score_fn = score_models.load_score(name)  # the job's loader and export.load_score_fn agree on short names
   card = score_fn.metadata["model_card"]
   check = card["ci_check"]
   images = data.get_source(f"npz:{fixtures_dir / 'cifar10_test_first1017.npz'}", "test").get_batch(

@@ -203,19 +203,6 @@ def validate(spec: JobSpec) -> None:
       raise ValueError(f"denoiser.relative_step={spec.denoiser.relative_step} must be > 0 (default 0.5).")
 
 
-def load_score(spec: str, compute_dtype: str = "float32"):
-  """A score function from an export directory, ``score_sde:<preset>:<checkpoint>`` or ``openai:<preset>:<path.pt>``,
-  computing its network in ``compute_dtype`` (float32 | bfloat16)."""
-  if spec.startswith("score_sde:"):
-    from scoresmooth_jax.modelio import pretrained  # only jobs that use published checkpoints need it
-    return pretrained.load_score_sde_from_spec(spec, compute_dtype=compute_dtype)[0]
-  if spec.startswith("openai:"):
-    from scoresmooth_jax.modelio import openai_diffusion
-    return openai_diffusion.load_openai_from_spec(spec, compute_dtype=compute_dtype)[0]
-  from scoresmooth_jax.modelio import export
-  return export.load_score_fn(spec, compute_dtype=compute_dtype)
-
-
 def make_base_classifier(classifier: Callable, denoiser: DenoiserSpec, nz: noise_lib.Noise,
                          score_fn=None, fit: Callable | None = None) -> Callable:
   """f o fit o D: the base classifier that smoothing samples, with the denoiser (if any) in front.
@@ -262,7 +249,7 @@ class Job:
 def build_job(config) -> Job:
   """Parses, loads and checks everything; no sampling happens here."""
   from scoresmooth_jax.datasets import data
-  from scoresmooth_jax.modelio import classifier as classifier_lib  # heavy imports kept off the library path
+  from scoresmooth_jax.modelio import classifier as classifier_lib, score_models  # heavy imports kept off the library path
 
   spec = JobSpec.from_config(config)
   validate(spec)
@@ -287,7 +274,7 @@ def build_job(config) -> Job:
                             clip=spec.resize_clip)
   score_fn = None
   if spec.denoiser.kind != "none":
-    score_fn = load_score(spec.denoiser.score, spec.denoiser.compute_dtype)
+    score_fn = score_models.load_score(spec.denoiser.score, spec.denoiser.compute_dtype)
     if tuple(score_fn.image_shape) != image_shape:
       raise ValueError(f"dataset images have shape {image_shape} but the score model {spec.denoiser.score} "
                        f"was trained on {tuple(score_fn.image_shape)}; use a score model for this dataset.")

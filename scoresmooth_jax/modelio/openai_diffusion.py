@@ -59,9 +59,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from scoresmooth_jax import denoise
 from scoresmooth_jax.modelio import compute_dtype as compute_dtype_lib
 from scoresmooth_jax.models.openai_unet import OpenAIUNet, torch_key, torch_order  # noqa: F401 (re-exported)
-from scoresmooth_jax.modelio.pretrained import PretrainedError, _per_example, split_spec
+from scoresmooth_jax.modelio.pretrained import PretrainedError, split_spec
 
 SPEC_PREFIX = "openai"
 SCHEDULES = ("linear", "cosine")
@@ -229,7 +230,7 @@ def vp_eps_to_score_fn(eps_fn, diffusion: Diffusion):
   model's [-1, 1] domain called with the timestep it was trained to receive (module docstring)."""
 
   def score_fn(y, sigma):
-    sigma = _per_example(sigma, y)
+    sigma = denoise.sigma_per_example(sigma, y)
     expand = (-1,) + (1,) * (y.ndim - 1)
     mean_coeff = jax.lax.rsqrt(1.0 + 4.0 * jnp.square(sigma)).reshape(expand)  # sqrt(abar), exact
     t = diffusion.model_time(fractional_timestep(diffusion, sigma))

@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
+from scoresmooth_jax import denoise
 from scoresmooth_jax.modelio import compute_dtype as compute_dtype_lib
 from scoresmooth_jax.models.ncsnpp import NCSNpp
 
@@ -206,17 +207,6 @@ def vp_time(sigma, beta_min: float = 0.1, beta_max: float = 20.0):
   return 2.0 * log_term / (beta_min + jnp.sqrt(beta_min**2 + 2.0 * (beta_max - beta_min) * log_term))
 
 
-def _per_example(sigma, x: jax.Array) -> jax.Array:
-  """sigma as a [B] vector in x's dtype (from a scalar or a [B] array)."""
-  sigma = jnp.asarray(sigma, x.dtype)
-  if sigma.ndim == 0:
-    return jnp.broadcast_to(sigma, (x.shape[0],))
-  if sigma.shape != (x.shape[0],):
-    raise ValueError(f"sigma has shape {sigma.shape}; pass a scalar or one sigma per example "
-                     f"(shape ({x.shape[0]},)) for a batch of shape {x.shape}.")
-  return sigma
-
-
 def vp_to_score_fn(vp_model_fn: Callable[[jax.Array, jax.Array], jax.Array], *, beta_min: float = 0.1,
                    beta_max: float = 20.0, prediction: str = "eps") -> Callable[[jax.Array, Any], jax.Array]:
   """Turns a VP network on [-1, 1] images into a score function on [0, 1] images at our sigma.
@@ -237,7 +227,7 @@ def vp_to_score_fn(vp_model_fn: Callable[[jax.Array, jax.Array], jax.Array], *, 
     raise ValueError(f"prediction={prediction!r}: use 'eps' (noise-prediction network) or 'score'.")
 
   def score_fn(y, sigma):
-    sigma = _per_example(sigma, y)
+    sigma = denoise.sigma_per_example(sigma, y)
     t = vp_time(sigma, beta_min, beta_max)
     mean_coeff = jax.lax.rsqrt(1.0 + 4.0 * jnp.square(sigma))  # a_t = sqrt(abar_t)
     expand = (-1,) + (1,) * (y.ndim - 1)
@@ -284,7 +274,7 @@ class ScoreSdeScoreFn:
   def __call__(self, x: jax.Array, sigma) -> jax.Array:
     sde = self.preset.sde
     if isinstance(sde, VESDE):
-      return self.network(x, _per_example(sigma, x))
+      return self.network(x, denoise.sigma_per_example(sigma, x))
     score_fn = vp_to_score_fn(lambda x_t, t: self.network(x_t, sde.time_scale * t), beta_min=sde.beta_min,
                               beta_max=sde.beta_max, prediction=sde.prediction)
     return score_fn(x, sigma)
