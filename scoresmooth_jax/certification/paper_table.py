@@ -172,7 +172,8 @@ def markdown(results: Mapping[str, Mapping[float, Sequence[Mapping]]], radii: Se
       budget = np.mean([r.get("n0", 0) + r.get("n_max", r["n"]) for r in recs]) if recs else n0 + n  # as recorded
       hours = sum(float(r.get("time", 0.0)) for r in recs) / 3600
       lines.append(f"| {sigma:g} | {len(recs)} | {largest_certifiable(sigma, n, alpha):.2f} | "
-                   + " | ".join(_cell(a) for a in acc) + f" | {draws:,.0f} of {budget:,.0f} | {hours:.2f} |")
+                   + " | ".join(_cell(a) for a in acc)
+                   + (f" | {draws:,.0f} of {budget:,.0f} | {hours:.2f} |" if recs else " | | |"))
     lines.append("")
   return "\n".join(lines)
 
