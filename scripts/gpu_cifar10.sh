@@ -50,7 +50,7 @@
 set -euo pipefail
 
 die() { echo "gpu_cifar10: $*" >&2; exit 2; }
-DATA_TAR="" IMAGES="" CLASSIFIER="" OUT=""
+DATA_TAR="" IMAGES="" CLASSIFIER="" OUT_DIR=""
 WORK=workdirs/gpu_cifar10 TRAIN_SECONDS=240 DEADLINE=560 WIDTHS=112,96,64 PROBE_SECONDS=10 MIN_STEPS=15000
 MAX_MIB=16 ANNEALED_IMAGES=256 SIGMAS=0.25,0.5 NUM_IMAGES=100 N0=100 N=10000 BATCH_SIZE=1000 COMPARE=cifar10-cpu
 VARIANT=gpu PYTHON=python3 RESUME_FROM=""
@@ -60,7 +60,7 @@ while (($#)); do
   if [[ $1 == --*=* ]]; then set -- "${1%%=*}" "${1#*=}" "${@:2}"; fi
   (($# >= 2)) || die "$1 needs a value (see the header of $0)"
   case $1 in
-    --data_tar) DATA_TAR=$2 ;; --images) IMAGES=$2 ;; --classifier) CLASSIFIER=$2 ;; --out) OUT=$2 ;;
+    --data_tar) DATA_TAR=$2 ;; --images) IMAGES=$2 ;; --classifier) CLASSIFIER=$2 ;; --out) OUT_DIR=$2 ;;
     --work) WORK=$2 ;; --resume_from) RESUME_FROM=$2 ;; --train_seconds) TRAIN_SECONDS=$2 ;;
     --deadline) DEADLINE=$2 ;; --widths) WIDTHS=$2 ;;
     --probe_seconds) PROBE_SECONDS=$2 ;; --min_steps) MIN_STEPS=$2 ;; --max_mib) MAX_MIB=$2 ;;
@@ -72,16 +72,16 @@ while (($#)); do
   esac
   shift 2
 done
-for name in images classifier out; do
-  var=${name^^}
-  [[ -n ${!var} ]] || die "--$name is required (see the header of $0)"
+for flag in images=IMAGES classifier=CLASSIFIER out=OUT_DIR; do
+  var=${flag#*=}
+  [[ -n ${!var} ]] || die "--${flag%%=*} is required (see the header of $0)"
 done
 [[ -n $RESUME_FROM || -f $DATA_TAR ]] || die "--data_tar '$DATA_TAR' not found (required unless --resume_from)"
 [[ -f $IMAGES ]] || die "--images $IMAGES not found"
 [[ -e $CLASSIFIER ]] || die "--classifier $CLASSIFIER not found"
 
-mkdir -p "$OUT" "$WORK"
-exec > >(tee -a "$OUT/run.log") 2>&1
+mkdir -p "$OUT_DIR" "$WORK"
+exec > >(tee -a "$OUT_DIR/run.log") 2>&1
 # Compiled programs are reused where the steps compile the same ones (and by a resumed run).
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$WORK/jax_cache} PYTHONUNBUFFERED=1
 start=$SECONDS
@@ -90,7 +90,7 @@ json() { "$PYTHON" -c 'import json, sys; print(eval(sys.argv[2], {"j": json.load
 pack() {  # what is not one of the output's own files, so that a run cut short still returns what it made
   local have=() f
   for f in probe run/metrics.jsonl table; do [[ ! -e $WORK/$f ]] || have+=("$f"); done
-  ((${#have[@]} == 0)) || tar czf "$OUT/results.tar.gz" -C "$WORK" "${have[@]}"
+  ((${#have[@]} == 0)) || tar czf "$OUT_DIR/results.tar.gz" -C "$WORK" "${have[@]}"
 }
 
 classifier=$CLASSIFIER
@@ -128,12 +128,12 @@ if [[ ! -f $WORK/probe/probe.json ]]; then
   rm -rf "$WORK/probe.partial"
   if ! "$PYTHON" scripts/probe_score_sizes.py "${train_flags[@]}" --widths "$WIDTHS" --seconds "$PROBE_SECONDS" \
       --train_seconds "$TRAIN_SECONDS" --min_steps "$MIN_STEPS" --out "$WORK/probe.partial/probe.json"; then
-    cp "$WORK/probe.partial/probe.md" "$OUT/" 2>/dev/null || true
+    cp "$WORK/probe.partial/probe.md" "$OUT_DIR/" 2>/dev/null || true
     die "no width fits the budget (probe.md); raise --train_seconds, lower --min_steps or add a narrower width"
   fi
   mv "$WORK/probe.partial" "$WORK/probe"
 fi
-cp "$WORK/probe/probe.md" "$OUT/" && pack
+cp "$WORK/probe/probe.md" "$OUT_DIR/" && pack
 read -r channels steps eval_every checkpoint_every < <(json "$WORK/probe/probe.json" \
   '" ".join(str(j["chosen"][k]) for k in ("channels", "num_steps", "eval_every", "checkpoint_every"))')
 run_flags=("--config.model.kwargs.channels=$channels" "--config.train.num_steps=$steps"
@@ -158,7 +158,7 @@ if [[ -z $shipped ]]; then
     ${ship_flags[@]+"${ship_flags[@]}"}
   mv "$WORK/shipped.partial" "$WORK/shipped"
 fi
-cp "$WORK"/shipped/cifar10.{npz,json,md} "$OUT/"
+cp "$WORK"/shipped/cifar10.{npz,json,md} "$OUT_DIR/"
 pack
 
 rows=(--row "cifar10=$classifier@$WORK/shipped/cifar10.npz")
@@ -177,7 +177,7 @@ if ((status)); then
   stamp "paper_table.py stopped (exit $status: 124 is --deadline, 2 bad input, said above); tables of the images done:"
   "${table[@]}" --report_only || true
 fi
-[[ ! -f $WORK/table/table.md ]] || cp "$WORK/table/table.md" "$OUT/"
+[[ ! -f $WORK/table/table.md ]] || cp "$WORK/table/table.md" "$OUT_DIR/"
 pack
-stamp "done: $OUT"
+stamp "done: $OUT_DIR"
 exit "$status"
