@@ -146,18 +146,15 @@ def markdown(results: Mapping[str, Mapping[float, Sequence[Mapping]]], radii: Se
   rule = "|---|" + "---|" * len(radii)
   lines = [f"Certified accuracy (%), l2, best over sigma at each radius; n0 = {n0}, N = {n:,}, alpha = {alpha:g}.",
            "", header, rule]
-  for name, runs in results.items():
-    best = best_over_sigma(runs, radii)
+  bests = {name: best_over_sigma(runs, radii) for name, runs in results.items()}
+  for name, best in bests.items():
     lines.append(f"| {name} (ours) | " + " | ".join(_cell(a) for a in best.accuracy) + " |")
   for name, values in PUBLISHED.items():
     published = dict(zip(PUBLISHED_RADII, values))
     lines.append(f"| {name} | " + " | ".join(f"{published[r]:g}" if r in published else "" for r in radii) + " |")
-  winners = []
-  for name, runs in results.items():
-    best = best_over_sigma(runs, radii)
-    # No sigma certifies anything there: no winner to name.
-    winners.append(f"{name}: " + ", ".join("-" if s is None or not a > 0 else f"{s:g}"
-                                           for s, a in zip(best.sigma, best.accuracy)))
+  # No sigma certifies anything there: no winner to name.
+  winners = [f"{name}: " + ", ".join("-" if s is None or not a > 0 else f"{s:g}"
+                                     for s, a in zip(best.sigma, best.accuracy)) for name, best in bests.items()]
   lines += ["", "Winning sigma per radius: " + "; ".join(winners) + ".", ""]
   lines += ["Sequential certification told these radii: each image drew until more draws (up to N) could not "
             "change at which of them it is certified, with alpha split over the looks; the table is that of "
