@@ -54,10 +54,10 @@ def check_count(name: str, value) -> int:
   return int(value)
 
 
-def check_alpha(alpha) -> float:
+def check_alpha(alpha, name: str = "alpha") -> float:
   value = float(alpha)
   if not 0.0 < value < 1.0:
-    raise ValueError(f"alpha={alpha!r} must lie in (0, 1): it is the probability that the certificate is "
+    raise ValueError(f"{name}={alpha!r} must lie in (0, 1): it is the probability that the certificate is "
                      "wrong (Cohen et al. use 0.001).")
   return value
 

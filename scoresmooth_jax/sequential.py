@@ -256,6 +256,28 @@ def _check_radius(name: str, value, allow_zero: bool) -> float | None:
   return r
 
 
+def check_rules(radius=None, max_radius=None, tolerance=None, radii=None, *, prefix: str = ""):
+  """Checks ``certify_sequential``'s stopping rules; returns them as floats (radii a tuple), None kept.
+
+  ``prefix`` names where the values came from (``"certify.sequential."`` in a job config).
+  """
+  radius = _check_radius(f"{prefix}radius", radius, allow_zero=True)
+  max_radius = _check_radius(f"{prefix}max_radius", max_radius, allow_zero=False)
+  if radius is not None and (max_radius is not None or tolerance is not None or radii is not None):
+    raise ValueError(f"{prefix}radius={radius} asks for decision mode, which has no max_radius={max_radius}, "
+                     f"tolerance={tolerance} or radii={radii}; set radius alone, or unset it for radius mode.")
+  if radii is not None:
+    radii = tuple(_check_radius(f"{prefix}radii", r, allow_zero=True) for r in radii)
+    if not radii:
+      raise ValueError(f"{prefix}radii=() is empty: pass the radii you report (e.g. (0, 0.25, 0.5)), or None.")
+  if tolerance is not None:
+    if not (math.isfinite(float(tolerance)) and float(tolerance) >= 0):
+      raise ValueError(f"{prefix}tolerance={tolerance!r} must be a finite radius >= 0 (0: stop only at n_max, "
+                       "max_radius or a settled abstention), or None for the default.")
+    tolerance = float(tolerance)
+  return radius, max_radius, tolerance, radii
+
+
 def certify_sequential(base_classifier: smoothing.BaseClassifier, x, nz: noise_lib.Noise, n0: int, n_max: int,
                        alpha: float, key: jax.Array, *, num_classes: int, batch_size: int,
                        radius: float | None = None, max_radius: float | None = None,
@@ -281,20 +303,9 @@ def certify_sequential(base_classifier: smoothing.BaseClassifier, x, nz: noise_l
   """
   n0 = check_count("n0", n0)
   the_plan = plan(n_max, alpha, first_look)
-  radius = _check_radius("radius", radius, allow_zero=True)
-  max_radius = _check_radius("max_radius", max_radius, allow_zero=False)
-  if radius is not None and (max_radius is not None or tolerance is not None or radii is not None):
-    raise ValueError(f"radius={radius} asks for decision mode, which has no max_radius={max_radius}, "
-                     f"tolerance={tolerance} or radii={radii}; pass radius alone, or drop radius for radius mode.")
-  if radii is not None:
-    radii = tuple(_check_radius("radii", r, allow_zero=True) for r in radii)
-    if not radii:
-      raise ValueError("radii=() is empty: pass the radii you report (e.g. (0, 0.25, 0.5)), or None.")
+  radius, max_radius, tolerance, radii = check_rules(radius, max_radius, tolerance, radii)
   if tolerance is None:
     tolerance = 0.0 if radii is not None else default_tolerance(nz, the_plan)
-  elif not (math.isfinite(float(tolerance)) and float(tolerance) >= 0):
-    raise ValueError(f"tolerance={tolerance!r} must be a finite radius >= 0 (0: stop only at n_max, max_radius "
-                     "or a settled abstention), or None for the default.")
   common = dict(num_classes=num_classes, batch_size=batch_size, mesh=mesh)
   n0_counts = smoothing.sample_counts(base_classifier, x, nz, n0,
                                       jax.random.fold_in(key, SELECTION_PHASE), **common)

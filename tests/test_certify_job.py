@@ -156,9 +156,9 @@ def no_sampling(monkeypatch):
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (dict(certify__n0=0), "n0=0 must be >= 1"),
-    (dict(certify__n=0), "n=0 must be >= 1"),
-    (dict(certify__alpha=1.5), r"alpha=1.5 must lie in \(0, 1\)"),
+    (dict(certify__n0=0), r"certify\.n0=0 must be an integer >= 1"),
+    (dict(certify__n=0), r"certify\.n=0 must be an integer >= 1"),
+    (dict(certify__alpha=1.5), r"certify\.alpha=1.5 must lie in \(0, 1\)"),
     (dict(certify__batch_size=-1), r"batch_size=-1 must be >= 1 .* or 0 to choose it"),
     (dict(denoiser__kind="one_step", noise__type="uniform"), "one_step.*exact only for Gaussian"),
     (dict(noise__sigma=1.5, denoiser__kind="one_step"), r"sigma=1.5 is outside the score model's trained range"),
@@ -282,8 +282,9 @@ def test_sequential_certification_records_draws_and_resumes(tmp_path, digits_mod
 
 @pytest.mark.parametrize("overrides,match", [
     (dict(certify__sequential__radius=0.25, certify__sequential__tolerance=0.1), "decision mode"),
-    (dict(certify__sequential__max_radius=0.0), "max_radius=0.0"),
-    (dict(certify__sequential__first_look=0), "first_look=0"),
+    (dict(certify__sequential__max_radius=0.0), r"certify\.sequential\.max_radius=0.0"),
+    (dict(certify__sequential__first_look=0), r"certify\.sequential\.first_look=0"),
+    (dict(certify__sequential__radii=(0.25, -0.5)), r"certify\.sequential\.radii=-0.5"),
 ])
 def test_bad_sequential_settings_fail_before_sampling(tmp_path, digits_models, no_sampling, overrides, match):
   with pytest.raises(ValueError, match=match):

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from scoresmooth_jax import denoise, noise as noise_lib, resize, sequential, smoothing
+from scoresmooth_jax import certificate, denoise, noise as noise_lib, resize, sequential, smoothing
 from scoresmooth_jax.resize import fit_images  # the classifier.input step: a central crop or a resize
 from scoresmooth_jax.certification import records
 from scoresmooth_jax.modelio import compute_dtype as compute_dtype_lib
@@ -161,12 +161,11 @@ def validate(spec: JobSpec) -> None:
   if spec.denoiser.compute_dtype not in compute_dtype_lib.COMPUTE_DTYPES:
     raise ValueError(f"denoiser.compute_dtype={spec.denoiser.compute_dtype!r}: choose one of "
                      f"{sorted(compute_dtype_lib.COMPUTE_DTYPES)}.")
-  if spec.mode == "certify" and spec.n0 < 1:
-    raise ValueError(f"certify.n0={spec.n0} must be >= 1 (Cohen et al. use 100).")
-  if spec.n < 1:
-    raise ValueError(f"certify.n={spec.n} must be >= 1 (Cohen et al. use 100,000; the paper 10,000).")
-  if not 0.0 < spec.alpha < 1.0:
-    raise ValueError(f"certify.alpha={spec.alpha} must lie in (0, 1) (Cohen et al. use 0.001).")
+  # The library's own checks, named as the config spells the values, so they fail before any sampling.
+  if spec.mode == "certify":
+    certificate.check_count("certify.n0", spec.n0)
+  certificate.check_count("certify.n", spec.n)
+  certificate.check_alpha(spec.alpha, "certify.alpha")
   if spec.batch_size < 0:
     raise ValueError(f"certify.batch_size={spec.batch_size} must be >= 1 (draws per device per step), or 0 to "
                      "choose it from XLA's memory estimate.")
@@ -175,17 +174,8 @@ def validate(spec: JobSpec) -> None:
     if spec.mode != "certify":
       raise ValueError(f"certify.sequential.enabled=True applies to mode='certify', not {spec.mode!r}; disable it "
                        "for prediction.")
-    if seq.radius is not None and (seq.max_radius is not None or seq.tolerance is not None or seq.radii):
-      raise ValueError(f"certify.sequential.radius={seq.radius} asks for decision mode, which takes no radii "
-                       f"({seq.radii}), max_radius ({seq.max_radius}) or tolerance ({seq.tolerance}); unset those "
-                       "(radii=(), -1), or set radius to -1 for radius mode.")
-    if seq.radii and min(seq.radii) < 0:
-      raise ValueError(f"certify.sequential.radii={seq.radii} must be radii >= 0.")
-    if seq.max_radius == 0.0:
-      raise ValueError("certify.sequential.max_radius=0.0 would stop every image at once; use a radius > 0 (the "
-                       "largest you report) or -1 for none.")
-    if seq.first_look < 1:
-      raise ValueError(f"certify.sequential.first_look={seq.first_look} must be >= 1 (default 100).")
+    sequential.check_rules(seq.radius, seq.max_radius, seq.tolerance, seq.radii, prefix="certify.sequential.")
+    certificate.check_count("certify.sequential.first_look", seq.first_look)
   if spec.dataset.skip < 1:
     raise ValueError(f"dataset.skip={spec.dataset.skip} must be >= 1 (1 takes every image).")
   if spec.denoiser.kind == "one_step" and spec.noise != "gaussian":
