@@ -90,6 +90,24 @@ def test_no_module_is_longer_than_the_house_limit():
   assert not long, f"split these modules (over {MAX_LINES} lines): {long}"
 
 
+REPO = PACKAGE.parent
+MAX_DOC_LINES = 150
+
+
+def test_every_docs_page_is_short():
+  long = {p.name: n for p in (REPO / "docs").glob("*.md") if (n := len(p.read_text().splitlines())) > MAX_DOC_LINES}
+  assert not long, f"docs pages over {MAX_DOC_LINES} lines: {long}"
+
+
+def test_nothing_users_read_points_at_a_folder_beside_the_checkout():
+  # Users pass their own paths; a default of "../shared" exists only beside one checkout.
+  files = [REPO / "README.md", *(REPO / "docs").glob("*.md")]
+  for folder in ("scoresmooth_jax", "configs", "scripts", "benchmarks"):
+    files += [p for p in (REPO / folder).rglob("*") if p.suffix in (".py", ".sh", ".md", ".json")]
+  offenders = [str(p.relative_to(REPO)) for p in files if "../shared" in p.read_text(errors="replace")]
+  assert not offenders, f"these name ../shared: {offenders}"
+
+
 def _loaded_by(code: str) -> list[str]:
   code += "; import json, sys; print(json.dumps(sorted(sys.modules)))"
   return json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
