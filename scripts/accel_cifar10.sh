@@ -4,7 +4,7 @@
 #
 #   TRAIN_SECONDS=300 bash scripts/accel_cifar10.sh workdirs/accel_out
 #
-# A budget makes the run fit a lease of fixed length (docs/cifar10.md, "In one command"): a 300-step probe
+# A budget makes the run fit a fixed time limit (docs/cifar10.md, "Reproduce"): a 300-step probe
 # run measures the training rate first, and the real run gets the step count that fills 90 % of TRAIN_SECONDS, so its
 # cosine schedule decays to zero inside the budget rather than being cut off half-way. TRAIN_SECONDS=0 trains the
 # config's own 30,000 steps.
@@ -16,7 +16,7 @@
 #   PROBE_STEPS     steps of the probe run [300]
 #   MIN_STEPS       fewest steps worth training; a slower probe stops the run [1000]
 #   DEADLINE        seconds after the start by which the certification step stops (unset: no limit), so that a
-#                   lease of fixed length still returns the tables finished so far; re-running resumes them
+#                   run with a fixed time limit still returns the tables finished so far; re-running resumes them
 #   WORK            scratch folder for data, runs and results [workdirs/accel]
 #   PYTHON          interpreter [python3]
 #   TRAIN_FLAGS, SHIP_FLAGS, RESULTS_FLAGS  extra flags for the three scripts (toy runs, other sizes)
